@@ -1,0 +1,118 @@
+"""The running relay: wires config, policy, quota, spool, server and delivery.
+
+Data flows one way: bytes -> server (protocol) -> policy/quota decision ->
+spool -> delivery.  This module only builds the pieces and handles signals:
+SIGTERM drains and exits 0, SIGHUP reloads the config (a bad file is refused
+and the old config kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from .config import Config, load_config, parse_hostport
+from .errors import ConfigError
+from .policy import Directory, RelayPolicy
+from .server import SmtpServer
+from .spool import Spool
+from .tlsutil import server_context
+
+log = logging.getLogger("fastrelay")
+
+
+def setup_logging(config: Config) -> None:
+    root = logging.getLogger("fastrelay")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler: logging.Handler
+    if config.logging.file:
+        path = config.path(config.logging.file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s fastrelay[%(process)d]: %(message)s", "%b %d %H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(config.logging.level.upper())
+    root.propagate = False
+
+
+def build_policy(config: Config) -> RelayPolicy:
+    return RelayPolicy(Directory(config))
+
+
+class Relay:
+    def __init__(self, config_path: str | Path, config: Config) -> None:
+        self.config_path = Path(config_path)
+        self.config = config
+        self.stopped = asyncio.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.config
+        tls = server_context(config)
+        policy = build_policy(config)
+        self.spool = Spool(config.path(config.server.spool_dir))
+        recovered = self.spool.recover()
+        self.spool.start(loop)
+        log.info("spool: %d queued message(s) recovered", len(recovered))
+        self.server = SmtpServer(config, policy, self.spool, quota=None, tls_context=tls)
+        for addr in config.server.listen:
+            await self.server.listen(parse_hostport(addr), implicit_tls=False)
+        for addr in config.server.listen_tls:
+            await self.server.listen(parse_hostport(addr), implicit_tls=True)
+        log.info("fastrelay listening on %s%s", ", ".join(config.server.listen),
+                 f"; implicit TLS on {', '.join(config.server.listen_tls)}" if config.server.listen_tls else "")
+        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.shutdown()))
+        loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(self.shutdown()))
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.stopped.wait()
+
+    def reload(self) -> None:
+        try:
+            config = load_config(self.config_path)
+            policy = build_policy(config)
+        except (ConfigError, ValueError) as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return
+        if (config.server.listen, config.server.listen_tls) != (self.config.server.listen, self.config.server.listen_tls):
+            log.warning("reload: listener changes take effect at the next restart")
+        self.config = config
+        setup_logging(config)
+        self.server.apply(config, policy, self.server.quota)
+        log.info("reload: config %s loaded (%d account(s), %d user(s))",
+                 self.config_path, len(config.accounts), policy.directory.user_count())
+
+    async def shutdown(self) -> None:
+        if self.stopped.is_set():
+            return
+        log.info("shutdown: draining connections (up to %.0fs)", self.config.server.drain_timeout)
+        await self.server.drain(self.config.server.drain_timeout)
+        self.spool.close()
+        log.info("shutdown: done")
+        self.stopped.set()
+
+
+def serve(config_path: str) -> int:
+    import uvloop
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"fastrelay: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config)
+    relay = Relay(config_path, config)
+    try:
+        uvloop.run(relay.run())
+    except ConfigError as exc:
+        print(f"fastrelay: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"fastrelay: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0

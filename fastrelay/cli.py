@@ -1,0 +1,144 @@
+"""Command line: ``fastrelay serve | check-config | explain | hash-password | queue``."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+import time
+
+from .config import load_config
+from .errors import ConfigError
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .app import serve
+
+    return serve(args.config)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from .app import build_policy
+
+    try:
+        config = load_config(args.config)
+        policy = build_policy(config)
+    except (ConfigError, ValueError) as exc:
+        print(f"fastrelay: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: ok ({len(config.accounts)} account(s), "
+          f"{policy.directory.user_count()} user(s), {len(policy.directory.rules)} rule(s))")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .app import build_policy
+    from .policy import SessionFacts, normalize_address
+
+    try:
+        config = load_config(args.config)
+        policy = build_policy(config)
+    except (ConfigError, ValueError) as exc:
+        print(f"fastrelay: {exc}", file=sys.stderr)
+        return 2
+    helo_refusal = policy.helo_refusal(args.helo, args.ip)
+    print(f"client {args.ip}, HELO {args.helo}, TLS {'yes' if args.tls else 'no'}, AUTH {args.auth or '-'}")
+    if helo_refusal is not None:
+        print(f"HELO: refused: {helo_refusal.decode().strip()}")
+        return 1
+    sender = normalize_address(args.sender) if args.sender else ""
+    decision = policy.decide(SessionFacts(args.ip, args.helo, args.tls, args.auth), sender)
+    if decision.account is not None:
+        print(f"account: {decision.account.name} (identified by {decision.identified_by})")
+    else:
+        print("account: none")
+    for v in decision.verdicts:
+        print(f"  rule {v.rule.name!r}: {'ADMITS' if v.step.name == 'ADMITTED' else 'fails at ' + v.step.name}: {v.reason}")
+    print(f"MAIL FROM:<{sender}>: {decision.reply.decode().strip()}")
+    if not decision.allowed:
+        print(f"reason: {decision.reason}")
+        return 1
+    if decision.original_sender is not None:
+        print(f"sender rewritten to <{decision.sender}>")
+    for rcpt in args.rcpt or []:
+        print(f"RCPT TO:<{rcpt}>: 250 2.1.5 Ok (limits are checked by the running server)")
+    return 0
+
+
+def _cmd_hash_password(args: argparse.Namespace) -> int:
+    from .policy import hash_password
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("fastrelay: passwords differ", file=sys.stderr)
+            return 2
+    if not password:
+        print("fastrelay: empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
+def _cmd_queue_list(args: argparse.Namespace) -> int:
+    from .spool import Spool
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"fastrelay: {exc}", file=sys.stderr)
+        return 2
+    spool = Spool(config.path(config.server.spool_dir))
+    messages = spool.scan()
+    now = time.time()
+    print(f"{'queue id':<16} {'state':<9} {'size':>9} {'age':>7}  sender -> recipients")
+    for m in messages:
+        e = m.envelope
+        print(f"{e.queue_id:<16} {m.state.state.value:<9} {m.body_len:>9} {int(now - e.arrival):>6}s  "
+              f"<{e.sender}> -> {', '.join(e.recipients)}")
+        if m.state.next_attempt:
+            print(f"{'':<16} next attempt in {int(m.state.next_attempt - now)}s; last error: {m.state.last_error or '-'}")
+    print(f"-- {len(messages)} message(s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastrelay", description="A high-performance SMTP relay")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the relay in the foreground")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file without starting")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("explain", help="show the relay decision for a hypothetical transaction")
+    p.add_argument("--config", required=True)
+    p.add_argument("--ip", required=True)
+    p.add_argument("--helo", required=True)
+    p.add_argument("--from", dest="sender", default="")
+    p.add_argument("--rcpt", action="append")
+    p.add_argument("--auth", default=None, help="the SMTP AUTH user, if the session authenticated")
+    p.add_argument("--tls", action="store_true")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("hash-password", help="print an argon2id hash for a user's passwords list")
+    p.add_argument("--password-stdin", action="store_true")
+    p.set_defaults(func=_cmd_hash_password)
+
+    p = sub.add_parser("queue", help="inspect and manage the queue")
+    qsub = p.add_subparsers(dest="queue_command", required=True)
+    q = qsub.add_parser("list")
+    q.add_argument("--config", required=True)
+    q.set_defaults(func=_cmd_queue_list)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,912 @@
+"""The SMTP server: a flat state machine on an asyncio (uvloop) Protocol.
+
+``data_received`` only feeds a buffer and drains complete lines, dispatching
+on the command verb to one ``_cmd_*`` method each (asyncpg's shape).  No
+coroutine per connection and no StreamReader: a session is one small object,
+and replies produced while draining one read are written in one batch
+(RFC 2920 pipelining).
+
+When a command needs something slow (the spool's fsync, an argon2 check, a
+remote quota store), the session becomes *busy*: it stops draining its buffer
+and pauses reading until the answer arrives, then writes the reply and
+resumes.  Replies therefore always go out in command order.
+
+Framing is strict (SMTP smuggling, CVE-2023-51764 class): a line ends with
+CRLF only.  In DATA only ``<CR><LF>.<CR><LF>`` ends the message, and with
+``bare_newline = "reject"`` a message containing a bare CR or LF is refused
+whole.
+
+Config keys read: [server] hostname, max_message_size, max_connections,
+max_connections_per_ip, bare_newline, command_timeout, data_timeout,
+tls_handshake_timeout, drain_timeout, auth_failures_before_delay,
+auth_failures_before_lockout, auth_failure_window, auth_lockout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import enum
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from . import replies
+from .addresses import parse_path_argument
+from .config import Config, ServerConfig
+from .errors import SpoolError
+from .policy import RelayDecision, RelayPolicy, SessionFacts, is_valid_helo, normalize_address
+from .spool import Envelope, QueueIdGenerator, Spool
+
+if TYPE_CHECKING:
+    from .quota import QuotaBook
+
+log = logging.getLogger("fastrelay.smtpd")
+
+CRLF = b"\r\n"
+# RFC 5321 §4.5.3.1.4; RFC 4954 §4 raises it to 12288 for AUTH lines.
+MAX_COMMAND_LINE = 512
+MAX_AUTH_LINE = 12288
+# Stop reading from a client that pipelines this much while a reply is pending.
+MAX_PENDING_INPUT = 64 * 1024
+
+
+class State(enum.IntEnum):
+    GREETED = 0        # banner sent, no HELO/EHLO yet
+    READY = 1          # after HELO/EHLO or RSET: may start a transaction
+    MAIL = 2           # MAIL accepted, collecting RCPT
+    DATA = 3           # receiving message content
+    AUTH_PLAIN = 4     # waiting for the PLAIN initial response
+    AUTH_LOGIN_USER = 5
+    AUTH_LOGIN_PASS = 6
+    CLOSED = 7
+
+
+def normalize_ip(ip: str) -> str:
+    # IPv4-mapped IPv6 peers (dual-stack sockets) are IPv4 clients.
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+class AuthThrottle:
+    """Failed AUTH attempts per client IP: slow down, then lock out for a while.
+
+    Only the failing IP waits (an asyncio sleep, not a blocked loop)."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self._failures: dict[str, deque[float]] = {}
+        self._locked_until: dict[str, float] = {}
+
+    def locked(self, ip: str, now: float) -> bool:
+        until = self._locked_until.get(ip)
+        if until is None:
+            return False
+        if now >= until:
+            del self._locked_until[ip]
+            self._failures.pop(ip, None)
+            return False
+        return True
+
+    def fail(self, ip: str, now: float) -> float:
+        """Record a failure; return how long to wait before answering."""
+        q = self._failures.setdefault(ip, deque())
+        q.append(now)
+        while q and q[0] < now - self.cfg.auth_failure_window:
+            q.popleft()
+        n = len(q)
+        if n >= self.cfg.auth_failures_before_lockout:
+            self._locked_until[ip] = now + self.cfg.auth_lockout
+            log.warning("auth: %s locked out for %.0fs after %d failures", ip, self.cfg.auth_lockout, n)
+        if n > self.cfg.auth_failures_before_delay:
+            return min(2.0 ** (n - self.cfg.auth_failures_before_delay - 1), 8.0)
+        return 0.0
+
+    def succeed(self, ip: str) -> None:
+        self._failures.pop(ip, None)
+
+
+class SmtpServer:
+    """What all sessions share: config, policy, quota, spool and connection counts."""
+
+    def __init__(
+        self,
+        config: Config,
+        policy: RelayPolicy,
+        spool: Spool,
+        quota: QuotaBook | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        on_queued: Callable[[Envelope], None] | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.spool = spool
+        self.queue_ids = QueueIdGenerator()
+        self.tls_context = tls_context
+        self.on_queued = on_queued
+        self.sessions: set[SmtpSession] = set()
+        self.per_ip: dict[str, int] = {}
+        self.draining = False
+        self._servers: list[asyncio.base_events.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self.counters = {"connections": 0, "refused_connections": 0, "messages": 0, "recipients": 0}
+        self.apply(config, policy, quota)
+
+    def apply(self, config: Config, policy: RelayPolicy, quota: QuotaBook | None) -> None:
+        """Install a (re)loaded config; open sessions pick it up at their next transaction."""
+        self.config = config
+        self.cfg = config.server
+        self.policy = policy
+        self.quota = quota
+        self.hostname = config.server.hostname
+        self.auth_throttle = AuthThrottle(config.server)
+        self.banner = f"220 {self.hostname} ESMTP fastrelay\r\n".encode()
+        size = config.server.max_message_size
+        common = ["PIPELINING", f"SIZE {size}", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        plain = common + (["STARTTLS"] if self.tls_context else [])
+        secure = common + ["AUTH PLAIN LOGIN"]
+        self.ehlo_plain = self._ehlo_lines(plain)
+        self.ehlo_tls = self._ehlo_lines(secure)
+
+    def _ehlo_lines(self, extensions: list[str]) -> str:
+        return "".join(f"250-{e}\r\n" for e in extensions[:-1]) + f"250 {extensions[-1]}\r\n"
+
+    async def listen(self, address: tuple[str, int], implicit_tls: bool) -> None:
+        ctx = self.tls_context if implicit_tls else None
+        server = await self.loop.create_server(
+            lambda: SmtpSession(self, implicit_tls),
+            host=address[0], port=address[1], ssl=ctx, reuse_address=True, backlog=4096,
+            ssl_handshake_timeout=self.cfg.tls_handshake_timeout if ctx else None,
+        )
+        self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = self.loop.create_task(self._sweep_timeouts())
+
+    async def _sweep_timeouts(self) -> None:
+        # One periodic sweep instead of a timer per session: re-arming a timer
+        # on every read would cost more than the check.
+        while True:
+            await asyncio.sleep(1.0)
+            now = self.loop.time()
+            for session in list(self.sessions):
+                session.check_timeout(now)
+
+    def register(self, session: SmtpSession) -> bytes | None:
+        """Count a new connection; return a 421 reply if a limit refuses it."""
+        if self.draining:
+            return replies.SHUTTING_DOWN
+        ip = session.client_ip
+        if len(self.sessions) >= self.cfg.max_connections:
+            self.counters["refused_connections"] += 1
+            log.warning("connect from [%s]: refused: too many connections (%d)", ip, len(self.sessions))
+            return replies.TOO_MANY_CONNECTIONS
+        n = self.per_ip.get(ip, 0)
+        if n >= self.cfg.max_connections_per_ip:
+            self.counters["refused_connections"] += 1
+            log.warning("connect from [%s]: refused: too many connections from this IP (%d)", ip, n)
+            return replies.TOO_MANY_FROM_IP
+        self.per_ip[ip] = n + 1
+        self.sessions.add(session)
+        self.counters["connections"] += 1
+        return None
+
+    def unregister(self, session: SmtpSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            ip = session.client_ip
+            n = self.per_ip.get(ip, 1) - 1
+            if n <= 0:
+                self.per_ip.pop(ip, None)
+            else:
+                self.per_ip[ip] = n
+
+    def stop_listening(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+
+    async def drain(self, timeout: float) -> None:
+        """SIGTERM: stop accepting; let open transactions finish, then 421 everyone."""
+        self.draining = True
+        self.stop_listening()
+        for session in list(self.sessions):
+            session.drain()
+        deadline = self.loop.time() + timeout
+        while self.sessions and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.close_with(replies.SHUTTING_DOWN)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+
+class SmtpSession(asyncio.Protocol):
+    """One SMTP connection, server side."""
+
+    def __init__(self, server: SmtpServer, implicit_tls: bool) -> None:
+        self.server = server
+        self.cfg = server.cfg
+        self.implicit_tls = implicit_tls
+        self.transport: Any = None
+        self.client_ip = "?"
+        self.state = State.GREETED
+        self.buffer = b""
+        self.busy = False
+        self.closing = False
+        self.draining = False
+        self.discarding = False        # inside an over-long line: drop until CRLF
+        self.tls_pending = False
+        self.tls = implicit_tls
+        self.tls_info: str | None = None
+        self.helo = ""
+        self.esmtp = False
+        self.auth_user: str | None = None
+        self.last_activity = 0.0
+        self.reading_paused = False
+        self._auth_login_user = ""
+        self._reset_transaction()
+
+    def _reset_transaction(self) -> None:
+        self.decision: RelayDecision | None = None
+        self.sender = ""
+        self.recipients: list[str] = []
+        self.smtputf8 = False
+        self.body_8bit = False
+        self.declared_size = 0
+        # DATA framing
+        self.chunks: list[bytes] = []
+        self.data_size = 0
+        self.tail = CRLF           # the last bytes seen, to find a terminator split across reads
+        self.oversize = False
+
+    # -- connection life ---------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client_ip = normalize_ip(peer[0]) if peer else "unknown"
+        self.last_activity = self.server.loop.time()
+        refusal = self.server.register(self)
+        if refusal is not None:
+            transport.write(refusal)
+            transport.close()
+            self.state = State.CLOSED
+            return
+        if self.implicit_tls:
+            self.tls_info = _tls_description(transport)
+        log.info("connect from [%s]%s", self.client_ip, " (TLS)" if self.implicit_tls else "")
+        transport.write(self.server.banner)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state != State.CLOSED or self in self.server.sessions:
+            log.info("disconnect from %s[%s]", self.helo or "unknown", self.client_ip)
+        self.state = State.CLOSED
+        self.closing = True
+        self.server.unregister(self)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def check_timeout(self, now: float) -> None:
+        limit = self.cfg.data_timeout if self.state == State.DATA else self.cfg.command_timeout
+        if not self.busy and now - self.last_activity > limit:
+            log.info("timeout after %s from [%s]", self.state.name, self.client_ip)
+            self.close_with(replies.TIMEOUT)
+
+    def close_with(self, reply: bytes) -> None:
+        if self.closing or self.transport is None:
+            return
+        self.closing = True
+        try:
+            self.transport.write(reply)
+        finally:
+            self.transport.close()
+
+    def drain(self) -> None:
+        """Server shutdown: close now if idle, else after the current transaction."""
+        self.draining = True
+        if not self.busy and self.state in (State.GREETED, State.READY):
+            self.close_with(replies.SHUTTING_DOWN)
+
+    # -- input ---------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.server.loop.time()
+        if self.closing or self.tls_pending:
+            return  # RFC 3207 §4.2: nothing sent before the TLS handshake counts
+        if self.state == State.DATA and not self.busy:
+            self._feed_data(data)
+            return
+        self.buffer += data
+        if self.busy:
+            if len(self.buffer) > MAX_PENDING_INPUT and not self.reading_paused:
+                self.transport.pause_reading()
+                self.reading_paused = True
+            return
+        self._drain_lines()
+
+    def _drain_lines(self) -> None:
+        out: list[bytes] = []
+        buf = self.buffer
+        pos = 0
+        try:
+            while not self.busy and not self.closing:
+                if self.state == State.DATA:
+                    self.buffer = buf[pos:]
+                    if out:
+                        self.transport.write(b"".join(out))
+                        out = []
+                    rest, self.buffer = self.buffer, b""
+                    if rest:
+                        self._feed_data(rest)
+                    return
+                nl = buf.find(b"\n", pos)
+                limit = MAX_AUTH_LINE if self._auth_line_allowed(buf, pos) else MAX_COMMAND_LINE
+                if nl < 0:
+                    if len(buf) - pos > limit:
+                        # Drop the over-long line as it comes; answer once it ends.
+                        self.discarding = True
+                        pos = len(buf)
+                    break
+                line_end = nl + 1
+                if self.discarding:
+                    self.discarding = False
+                    out.append(replies.LINE_TOO_LONG)
+                    pos = line_end
+                    continue
+                if nl == pos or buf[nl - 1] != 13:  # 13 == "\r": this is a bare LF
+                    out.append(replies.BARE_NEWLINE_COMMAND)
+                    pos = line_end
+                    continue
+                line = buf[pos:nl - 1]
+                pos = line_end
+                if len(line) + 2 > limit:
+                    out.append(replies.LINE_TOO_LONG)
+                    continue
+                if b"\r" in line:
+                    out.append(replies.BARE_NEWLINE_COMMAND)
+                    continue
+                reply = self._dispatch(line)
+                if reply is not None:
+                    out.append(reply)
+        except Exception:
+            # Errors never escape the hot path: answer a temporary failure.
+            log.exception("session [%s]: internal error", self.client_ip)
+            out.append(replies.TEMP_LOCAL_ERROR)
+            self._reset_transaction()
+            if self.state not in (State.GREETED, State.CLOSED):
+                self.state = State.READY
+        self.buffer = buf[pos:]
+        if out and not self.closing:
+            self.transport.write(b"".join(out))
+
+    def _auth_line_allowed(self, buf: bytes, pos: int) -> bool:
+        if self.state in (State.AUTH_PLAIN, State.AUTH_LOGIN_USER, State.AUTH_LOGIN_PASS):
+            return True
+        return buf[pos:pos + 5].upper() == b"AUTH "
+
+    # -- async replies -----------------------------------------------------------
+
+    def _defer(self, work: Awaitable[bytes]) -> None:
+        """Answer later: keep the buffer, stop reading, resume after the reply."""
+        self.busy = True
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(self._deferred_done)
+
+    def _deferred_done(self, task: asyncio.Future[bytes]) -> None:
+        self.busy = False
+        if self.closing:
+            return
+        try:
+            reply = task.result()
+        except Exception:
+            log.exception("session [%s]: internal error", self.client_ip)
+            reply = replies.TEMP_LOCAL_ERROR
+            self._reset_transaction()
+            self.state = State.READY
+        if reply:
+            self.transport.write(reply)
+        if self.closing:
+            return
+        if self.draining and self.state in (State.READY, State.GREETED):
+            self.close_with(replies.SHUTTING_DOWN)
+            return
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if self.buffer:
+            self._drain_lines()
+
+    # -- commands ------------------------------------------------------------------
+
+    def _dispatch(self, line: bytes) -> bytes | None:
+        if self.state in (State.AUTH_PLAIN, State.AUTH_LOGIN_USER, State.AUTH_LOGIN_PASS):
+            return self._auth_continue(line)
+        verb, _, arg_bytes = line.partition(b" ")
+        handler = _COMMANDS.get(verb.upper())
+        if handler is None:
+            return replies.SYNTAX_ERROR
+        try:
+            arg = arg_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            return replies.BAD_UTF8
+        return handler(self, arg)
+
+    def _cmd_helo(self, arg: str) -> bytes | None:
+        return self._greet(arg.strip(), esmtp=False)
+
+    def _cmd_ehlo(self, arg: str) -> bytes | None:
+        return self._greet(arg.strip(), esmtp=True)
+
+    def _greet(self, name: str, esmtp: bool) -> bytes | None:
+        if not name:
+            self.close_with(replies.EMPTY_HELO)
+            return None
+        if not is_valid_helo(name):
+            return replies.BAD_HELO
+        refusal = self.server.policy.helo_refusal(name, self.client_ip)
+        if refusal is not None:
+            log.info("reject: EHLO from [%s]: %s: not a qualified identity", self.client_ip, name)
+            self.close_with(refusal)
+            return None
+        self.helo = name
+        self.esmtp = esmtp
+        self._reset_transaction()
+        self.state = State.READY
+        hello = f"250-{self.server.hostname} at your service, [{self.client_ip}]\r\n"
+        if not esmtp:
+            return f"250 {self.server.hostname} at your service, [{self.client_ip}]\r\n".encode()
+        return (hello + (self.server.ehlo_tls if self.tls else self.server.ehlo_plain)).encode()
+
+    def _cmd_mail(self, arg: str) -> bytes | None:
+        if self.state == State.GREETED:
+            return replies.NEED_HELO
+        if self.state != State.READY:
+            return replies.NESTED_MAIL
+        if self.draining:
+            self.close_with(replies.SHUTTING_DOWN)
+            return None
+        parsed = parse_path_argument(arg, "FROM:", allow_null=True)
+        if isinstance(parsed, bytes):
+            return parsed
+        params = parsed.params
+        smtputf8 = "SMTPUTF8" in params
+        for key, value in params.items():
+            if key == "SIZE":
+                if not value.isdigit():
+                    return replies.reply(501, "5.5.4", "Bad SIZE parameter")
+                if int(value) > self.cfg.max_message_size:
+                    return replies.MESSAGE_TOO_BIG
+                self.declared_size = int(value)
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+                self.body_8bit = value.upper() == "8BITMIME"
+            elif key == "SMTPUTF8":
+                if value:
+                    return replies.reply(501, "5.5.4", "SMTPUTF8 takes no value")
+            elif key == "AUTH":
+                pass  # RFC 4954 §5: accepted, not trusted
+            else:
+                return replies.UNKNOWN_PARAMETER
+        if parsed.non_ascii and not smtputf8:
+            return replies.NEED_SMTPUTF8
+        sender = normalize_address(parsed.address) if parsed.address else ""
+        facts = SessionFacts(self.client_ip, self.helo, self.tls, self.auth_user)
+        decision = self.server.policy.decide(facts, sender)
+        if not decision.allowed:
+            log.info(
+                "NOQUEUE: reject: MAIL from %s[%s]: %s; from=<%s> helo=<%s> auth=%s tls=%s",
+                self.helo, self.client_ip, decision.reply[:3].decode(), sender, self.helo,
+                self.auth_user or "-", "yes" if self.tls else "no",
+            )
+            log.info("NOQUEUE: reason: %s", decision.reason)
+            return decision.reply
+        self.decision = decision
+        self.sender = decision.sender
+        self.smtputf8 = smtputf8
+        self.state = State.MAIL
+        if decision.original_sender is not None:
+            log.info("rewrite: from=<%s> to=<%s> client=[%s] account=%s rule=%s",
+                     decision.original_sender, decision.sender, self.client_ip,
+                     decision.account.name if decision.account else "-",
+                     decision.rule.name if decision.rule else "-")
+        return replies.SENDER_OK
+
+    def _cmd_rcpt(self, arg: str) -> bytes | None:
+        if self.state != State.MAIL:
+            return replies.NEED_MAIL if self.state in (State.READY, State.GREETED) else replies.BAD_SEQUENCE
+        parsed = parse_path_argument(arg, "TO:", allow_null=False)
+        if isinstance(parsed, bytes):
+            return parsed
+        for key in parsed.params:
+            if key not in ("NOTIFY", "ORCPT"):
+                return replies.UNKNOWN_PARAMETER
+        if parsed.non_ascii and not self.smtputf8:
+            return replies.NEED_SMTPUTF8
+        decision = self.decision
+        assert decision is not None
+        rcpt = normalize_address(parsed.address)
+        if decision.original_sender == "" or (not self.sender and decision.original_sender is None):
+            # The null sender, even rewritten: one recipient only.
+            if self.recipients:
+                return replies.NULL_SENDER_ONE_RCPT
+        quota = self.server.quota
+        if quota is None:
+            if len(self.recipients) >= 100:
+                return replies.TOO_MANY_RCPTS
+            self.recipients.append(rcpt)
+            return replies.RCPT_OK
+        result = quota.check_recipient(decision, self.recipients, rcpt)
+        if isinstance(result, bytes) or result is None:
+            return self._rcpt_verdict(rcpt, result)
+        self._defer(self._rcpt_async(rcpt, result))
+        return None
+
+    async def _rcpt_async(self, rcpt: str, pending: Awaitable[bytes | None]) -> bytes:
+        return self._rcpt_verdict(rcpt, await pending)
+
+    def _rcpt_verdict(self, rcpt: str, refusal: bytes | None) -> bytes:
+        if refusal is not None:
+            log.info("NOQUEUE: reject: RCPT from %s[%s]: %s from=<%s> to=<%s>",
+                     self.helo, self.client_ip, refusal.decode(errors="replace").strip(), self.sender, rcpt)
+            return refusal
+        self.recipients.append(rcpt)
+        return replies.RCPT_OK
+
+    def _cmd_data(self, arg: str) -> bytes | None:
+        if arg:
+            return replies.ARGS_NOT_ALLOWED
+        if self.state != State.MAIL:
+            return replies.NEED_MAIL if self.state in (State.READY, State.GREETED) else replies.BAD_SEQUENCE
+        if not self.recipients:
+            return replies.NO_VALID_RECIPIENTS
+        self.state = State.DATA
+        self.chunks = []
+        self.data_size = 0
+        self.tail = CRLF
+        return replies.START_DATA
+
+    def _cmd_rset(self, arg: str) -> bytes | None:
+        if arg:
+            return replies.ARGS_NOT_ALLOWED
+        self._reset_transaction()
+        if self.state != State.GREETED:
+            self.state = State.READY
+        return replies.RESET_OK
+
+    def _cmd_noop(self, arg: str) -> bytes | None:
+        return replies.NOOP_OK
+
+    def _cmd_quit(self, arg: str) -> bytes | None:
+        self.close_with(f"221 2.0.0 {self.server.hostname} closing connection\r\n".encode())
+        return None
+
+    def _cmd_vrfy(self, arg: str) -> bytes | None:
+        if not arg:
+            return replies.reply(501, "5.5.4", "VRFY needs an argument")
+        return replies.VRFY_CANNOT
+
+    def _cmd_expn(self, arg: str) -> bytes | None:
+        return replies.EXPN_DISABLED
+
+    def _cmd_help(self, arg: str) -> bytes | None:
+        return replies.reply(
+            214, "2.0.0",
+            "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH\n"
+            "See docs/clients.md in the fastrelay documentation",
+        )
+
+    # -- STARTTLS (RFC 3207) -------------------------------------------------------
+
+    def _cmd_starttls(self, arg: str) -> bytes | None:
+        if arg:
+            return replies.ARGS_NOT_ALLOWED
+        if self.tls:
+            return replies.ALREADY_TLS
+        if self.server.tls_context is None:
+            return replies.NOT_IMPLEMENTED
+        if self.state == State.GREETED:
+            return replies.NEED_HELO
+        self.transport.write(replies.READY_TLS)
+        # RFC 3207 §4.2: discard anything pipelined behind STARTTLS (CVE-2011-0411).
+        self.buffer = b""
+        self.tls_pending = True
+        self.busy = True
+        asyncio.ensure_future(self._start_tls())
+        return None
+
+    async def _start_tls(self) -> None:
+        loop = self.server.loop
+        try:
+            transport = await loop.start_tls(
+                self.transport, self, self.server.tls_context, server_side=True,
+                ssl_handshake_timeout=self.cfg.tls_handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("STARTTLS from [%s] failed: %s", self.client_ip, exc)
+            self.closing = True
+            self.transport.close()
+            return
+        if transport is None:
+            self.closing = True
+            return
+        self.transport = transport
+        self.tls = True
+        self.tls_pending = False
+        self.busy = False
+        self.tls_info = _tls_description(transport)
+        # RFC 3207 §4.2: the session starts over; the client must EHLO again.
+        self.helo = ""
+        self.auth_user = None
+        self._reset_transaction()
+        self.state = State.GREETED
+        self.buffer = b""
+        self.last_activity = loop.time()
+        log.info("STARTTLS from [%s]: %s", self.client_ip, self.tls_info)
+
+    # -- AUTH (RFC 4954) -----------------------------------------------------------
+
+    def _cmd_auth(self, arg: str) -> bytes | None:
+        if not self.tls:
+            return replies.NEED_STARTTLS
+        if self.state == State.GREETED or not self.esmtp:
+            return replies.NEED_HELO
+        if self.auth_user is not None:
+            return replies.ALREADY_AUTH
+        if self.state != State.READY:
+            return replies.AUTH_IN_TRANSACTION
+        if self.server.auth_throttle.locked(self.client_ip, time.monotonic()):
+            return replies.AUTH_LOCKED_OUT
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism == "PLAIN":
+            if not initial:
+                self.state = State.AUTH_PLAIN
+                return b"334 \r\n"
+            return self._auth_plain(initial)
+        if mechanism == "LOGIN":
+            if initial:
+                return self._auth_login_username(initial)
+            self.state = State.AUTH_LOGIN_USER
+            return b"334 VXNlcm5hbWU6\r\n"  # "Username:"
+        return replies.UNKNOWN_MECHANISM
+
+    def _auth_continue(self, line: bytes) -> bytes | None:
+        state = self.state
+        self.state = State.READY
+        if line == b"*":
+            return replies.AUTH_CANCELLED
+        text = line.decode("ascii", "replace")
+        if state == State.AUTH_PLAIN:
+            return self._auth_plain(text)
+        if state == State.AUTH_LOGIN_USER:
+            return self._auth_login_username(text)
+        return self._auth_login_password(text)
+
+    def _auth_plain(self, b64: str) -> bytes | None:
+        decoded = _b64decode(b64)
+        if decoded is None:
+            return replies.BAD_BASE64
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            return replies.BAD_BASE64
+        authzid, authcid, password = (p.decode("utf-8", "replace") for p in parts)
+        if authzid and authzid.lower() != authcid.lower():
+            # No sending as someone else: the authorization identity must be the user.
+            self._auth_failed(authcid, "authorization identity differs")
+            return replies.AUTH_IDENTITY_MISMATCH
+        self._verify(authcid, password)
+        return None
+
+    def _auth_login_username(self, b64: str) -> bytes | None:
+        decoded = _b64decode(b64)
+        if decoded is None:
+            return replies.BAD_BASE64
+        self._auth_login_user = decoded.decode("utf-8", "replace")
+        self.state = State.AUTH_LOGIN_PASS
+        return b"334 UGFzc3dvcmQ6\r\n"  # "Password:"
+
+    def _auth_login_password(self, b64: str) -> bytes | None:
+        decoded = _b64decode(b64)
+        if decoded is None:
+            return replies.BAD_BASE64
+        self._verify(self._auth_login_user, decoded.decode("utf-8", "replace"))
+        return None
+
+    def _verify(self, username: str, password: str) -> None:
+        self._defer(self._verify_async(username, password))
+
+    async def _verify_async(self, username: str, password: str) -> bytes:
+        directory = self.server.policy.directory
+        # argon2 is deliberately slow: never on the event loop.
+        user = await self.server.loop.run_in_executor(None, directory.verify_password, username, password)
+        if user is None:
+            delay = self._auth_failed(username, "bad credentials")
+            if delay:
+                await asyncio.sleep(delay)
+            return replies.AUTH_FAILED
+        self.server.auth_throttle.succeed(self.client_ip)
+        self.auth_user = user.address
+        log.info("auth: [%s] authenticated as %s", self.client_ip, user.address)
+        return replies.AUTH_OK
+
+    def _auth_failed(self, username: str, why: str) -> float:
+        log.warning("auth: [%s] failed for %r: %s", self.client_ip, username, why)
+        return self.server.auth_throttle.fail(self.client_ip, time.monotonic())
+
+    # -- DATA ------------------------------------------------------------------------
+
+    def _feed_data(self, data: bytes) -> None:
+        """Collect message content until <CR><LF>.<CR><LF> (RFC 5321 §4.1.1.4)."""
+        tail = self.tail
+        window = tail + data
+        found = window.find(b"\r\n.\r\n")
+        if found < 0:
+            self._store(data)
+            self.tail = window[-4:]
+            return
+        # Content ends with the CRLF that starts the terminator.
+        cut = found + 2 - len(tail)
+        if cut >= 0:
+            self._store(data[:cut])
+        else:
+            self._unstore(-cut)
+        rest = data[found + 5 - len(tail):]
+        self._end_of_data()
+        if rest:
+            self.buffer = rest + self.buffer
+            if not self.busy:
+                self._drain_lines()
+
+    def _store(self, data: bytes) -> None:
+        if self.oversize or not data:
+            return
+        self.data_size += len(data)
+        if self.data_size > self.cfg.max_message_size:
+            # Keep reading to the end of DATA but stop buffering (RFC 5321 §4.5.3.1.10).
+            self.oversize = True
+            self.chunks = []
+            return
+        self.chunks.append(data)
+
+    def _unstore(self, n: int) -> None:
+        if self.oversize:
+            return
+        content = b"".join(self.chunks)
+        self.chunks = [content[:-n]]
+        self.data_size -= n
+
+    def _end_of_data(self) -> None:
+        if self.oversize:
+            self._finish_transaction(replies.MESSAGE_TOO_BIG, "message too big")
+            return
+        content = b"".join(self.chunks)
+        self.chunks = []
+        # A bare CR or LF could make a next hop see a different message end
+        # (SMTP smuggling); CRLF counts must match both CR and LF counts.
+        crlf = content.count(b"\r\n")
+        if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+            if self.cfg.bare_newline == "reject" or content.count(b"\r") != crlf:
+                self._finish_transaction(replies.BARE_NEWLINE_DATA, "bare CR or LF in content")
+                return
+            content = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        # RFC 5321 §4.5.2: remove the leading dot of every line that has one.
+        if content[:1] == b"." or b"\r\n." in content:
+            content = (b"\r\n" + content).replace(b"\r\n.", b"\r\n")[2:]
+        if len(content) > self.cfg.max_message_size:
+            self._finish_transaction(replies.MESSAGE_TOO_BIG, "message too big")
+            return
+        self._defer(self._queue(content))
+
+    def _finish_transaction(self, reply: bytes, why: str) -> None:
+        log.info("NOQUEUE: reject: DATA from %s[%s]: %s; from=<%s> nrcpt=%d",
+                 self.helo, self.client_ip, why, self.sender, len(self.recipients))
+        self._reset_transaction()
+        self.state = State.READY
+        self.transport.write(reply)
+
+    async def _queue(self, content: bytes) -> bytes:
+        server = self.server
+        decision = self.decision
+        assert decision is not None
+        quota = server.quota
+        if quota is not None:
+            refusal = quota.reserve(decision, self.recipients)
+            if not isinstance(refusal, bytes) and refusal is not None:
+                refusal = await refusal
+            if refusal is not None:
+                self._finish_transaction(refusal, "quota: " + refusal.decode(errors="replace").strip())
+                return b""
+        queue_id = server.queue_ids.next()
+        now = time.time()
+        envelope = Envelope(
+            queue_id=queue_id, arrival=now, client_ip=self.client_ip, client_helo=self.helo,
+            sender=self.sender, recipients=self.recipients, auth_user=self.auth_user,
+            original_sender=decision.original_sender, tls=self.tls_info,
+            account=decision.account.name if decision.account else None,
+            rule=decision.rule.name if decision.rule else None,
+            smtputf8=self.smtputf8, body_8bit=self.body_8bit or not content.isascii(),
+        )
+        header = self._received_header(queue_id, now)
+        try:
+            await server.spool.append_message(envelope, (header, content))
+        except SpoolError as exc:
+            if quota is not None:
+                quota.release(decision, self.recipients)
+            log.error("%s: spool write failed: %s; answered 452", queue_id, exc)
+            self._reset_transaction()
+            self.state = State.READY
+            return replies.STORAGE_FULL
+        size = len(header) + len(content)
+        server.counters["messages"] += 1
+        server.counters["recipients"] += len(self.recipients)
+        log.info("%s: client=%s[%s]%s%s", queue_id, self.helo, self.client_ip,
+                 f", sasl_username={self.auth_user}" if self.auth_user else "",
+                 f", orig_from=<{decision.original_sender}>" if decision.original_sender is not None else "")
+        log.info("%s: from=<%s>, size=%d, nrcpt=%d, account=%s, rule=%s (queue active)",
+                 queue_id, self.sender, size, len(self.recipients), envelope.account, envelope.rule)
+        self._reset_transaction()
+        self.state = State.READY
+        if server.on_queued is not None:
+            server.on_queued(envelope)
+        return f"250 2.0.0 Ok: queued as {queue_id}\r\n".encode()
+
+    def _received_header(self, queue_id: str, now: float) -> bytes:
+        # RFC 5321 §4.4 trace field; "with" keywords from RFC 3848.
+        protocol = "ESMTP" if self.esmtp else "SMTP"
+        if self.tls:
+            protocol += "S"
+        if self.auth_user:
+            protocol += "A"
+        lines = [f"Received: from {self.helo} (unknown [{self.client_ip}])"]
+        if self.tls_info:
+            lines.append(f"\t(using {self.tls_info})")
+        if self.auth_user:
+            lines.append(f"\t(Authenticated sender: {self.auth_user})")
+        lines.append(f"\tby {self.server.hostname} (fastrelay) with {protocol} id {queue_id}")
+        stamp = email.utils.formatdate(now, localtime=True)
+        if len(self.recipients) == 1:
+            lines.append(f"\tfor <{self.recipients[0]}>; {stamp}")
+        else:
+            lines[-1] += ";"
+            lines.append(f"\t{stamp}")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+_COMMANDS: dict[bytes, Callable[[SmtpSession, str], bytes | None]] = {
+    b"HELO": SmtpSession._cmd_helo,
+    b"EHLO": SmtpSession._cmd_ehlo,
+    b"MAIL": SmtpSession._cmd_mail,
+    b"RCPT": SmtpSession._cmd_rcpt,
+    b"DATA": SmtpSession._cmd_data,
+    b"RSET": SmtpSession._cmd_rset,
+    b"NOOP": SmtpSession._cmd_noop,
+    b"QUIT": SmtpSession._cmd_quit,
+    b"VRFY": SmtpSession._cmd_vrfy,
+    b"EXPN": SmtpSession._cmd_expn,
+    b"HELP": SmtpSession._cmd_help,
+    b"STARTTLS": SmtpSession._cmd_starttls,
+    b"AUTH": SmtpSession._cmd_auth,
+}
+
+
+def _b64decode(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _tls_description(transport: Any) -> str | None:
+    obj = transport.get_extra_info("ssl_object")
+    if obj is None:
+        return None
+    cipher = obj.cipher()
+    if cipher:
+        return f"{obj.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
+    return str(obj.version())
