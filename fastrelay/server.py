@@ -41,7 +41,7 @@ from .addresses import parse_path_argument
 from .config import Config, ServerConfig
 from .errors import SpoolError
 from .policy import RelayDecision, RelayPolicy, SessionFacts, is_valid_helo, normalize_address
-from .spool import Envelope, QueueIdGenerator, Spool
+from .spool import Envelope, Location, QueueIdGenerator, Spool
 
 if TYPE_CHECKING:
     from .quota import QuotaBook
@@ -120,7 +120,7 @@ class SmtpServer:
         spool: Spool,
         quota: QuotaBook | None = None,
         tls_context: ssl.SSLContext | None = None,
-        on_queued: Callable[[Envelope], None] | None = None,
+        on_queued: Callable[[Envelope, Location], None] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.spool = spool
@@ -834,7 +834,7 @@ class SmtpSession(asyncio.Protocol):
         )
         header = self._received_header(queue_id, now)
         try:
-            await server.spool.append_message(envelope, (header, content))
+            location = await server.spool.append_message(envelope, (header, content))
         except SpoolError as exc:
             if quota is not None:
                 quota.release(decision, self.recipients)
@@ -852,8 +852,8 @@ class SmtpSession(asyncio.Protocol):
                  queue_id, self.sender, size, len(self.recipients), envelope.account, envelope.rule)
         self._reset_transaction()
         self.state = State.READY
-        if server.on_queued is not None:
-            server.on_queued(envelope)
+        if server.on_queued is not None and location is not None:
+            server.on_queued(envelope, location)
         return f"250 2.0.0 Ok: queued as {queue_id}\r\n".encode()
 
     def _received_header(self, queue_id: str, now: float) -> bytes:

@@ -47,6 +47,7 @@ import time
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
@@ -164,14 +165,24 @@ def read_records(path: Path) -> Iterator[tuple[bytes, bytes, int, int, int]]:
             offset = end
 
 
+class Location(NamedTuple):
+    """Where a message's body lies on disk."""
+
+    segment: int
+    body_offset: int
+    body_len: int
+
+
 class _Batch:
-    __slots__ = ("parts", "futures", "message_ids", "segment")
+    __slots__ = ("parts", "futures", "records", "segment", "offset")
 
     def __init__(self) -> None:
         self.parts: list[bytes | bytearray | memoryview] = []
-        self.futures: list[asyncio.Future[None]] = []
-        self.message_ids: list[str] = []
+        self.futures: list[asyncio.Future[Location | None]] = []
+        # per record, in order: (queue id of a message record or None, env_len, body_len)
+        self.records: list[tuple[str | None, int, int]] = []
         self.segment = 0  # set by the writer: where the batch landed
+        self.offset = 0   # and at which offset it starts
 
 
 class Spool:
@@ -272,24 +283,27 @@ class Spool:
 
     # -- appending (event loop side) -----------------------------------------
 
-    def append_message(self, envelope: Envelope, body: Sequence[bytes | bytearray | memoryview]) -> asyncio.Future[None]:
-        """Queue a message record; the future resolves once it is fsynced."""
-        return self._append(frame(KIND_MESSAGE, _env_encoder.encode(envelope), body), envelope.queue_id)
+    def append_message(self, envelope: Envelope, body: Sequence[bytes | bytearray | memoryview]) -> asyncio.Future[Location | None]:
+        """Queue a message record; the future resolves to its Location once fsynced."""
+        env = _env_encoder.encode(envelope)
+        parts = frame(KIND_MESSAGE, env, body)
+        return self._append(parts, (envelope.queue_id, len(env), sum(len(p) for p in body)))
 
-    def append_state(self, state: DeliveryState) -> asyncio.Future[None]:
+    def append_state(self, state: DeliveryState) -> asyncio.Future[Location | None]:
+        """Queue a state record; the future resolves (to None) once fsynced."""
         if state.state == MessageState.DONE:
             self._forget(state.queue_id)
-        return self._append(frame(KIND_STATE, _env_encoder.encode(state), ()), None)
+        env = _env_encoder.encode(state)
+        return self._append(frame(KIND_STATE, env, ()), (None, len(env), 0))
 
-    def _append(self, parts: list[bytes | bytearray | memoryview], message_id: str | None) -> asyncio.Future[None]:
+    def _append(self, parts: list[bytes | bytearray | memoryview], record: tuple[str | None, int, int]) -> asyncio.Future[Location | None]:
         assert self._loop is not None, "Spool.start() not called"
-        fut: asyncio.Future[None] = self._loop.create_future()
+        fut: asyncio.Future[Location | None] = self._loop.create_future()
         with self._lock:
             batch = self._pending
             batch.parts.extend(parts)
             batch.futures.append(fut)
-            if message_id is not None:
-                batch.message_ids.append(message_id)
+            batch.records.append(record)
             self._wakeup.notify()
         return fut
 
@@ -302,21 +316,25 @@ class Spool:
 
     def _on_written(self, batch: _Batch, error: OSError | None) -> None:
         """Runs on the event loop: bookkeeping first, then wake the waiters."""
-        if error is None:
-            seg = batch.segment
-            for qid in batch.message_ids:
-                # A message finished before this callback ran cannot exist:
-                # nothing acts on it before its future resolves below.
+        if error is not None:
+            for fut in batch.futures:
+                if not fut.done():
+                    fut.set_exception(SpoolError(str(error)))
+            return
+        seg, offset, messages = batch.segment, batch.offset, 0
+        for fut, (qid, env_len, body_len) in zip(batch.futures, batch.records):
+            location = None
+            if qid is not None:
+                # Nothing acts on a message before its future resolves here,
+                # so it cannot have been forgotten already.
                 self._where[qid] = seg
-            if batch.message_ids:
-                self._live[seg] = self._live.get(seg, 0) + len(batch.message_ids)
-        for fut in batch.futures:
-            if fut.done():
-                continue
-            if error is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(SpoolError(str(error)))
+                messages += 1
+                location = Location(seg, offset + HEADER_SIZE + env_len, body_len)
+            offset += HEADER_SIZE + env_len + body_len
+            if not fut.done():
+                fut.set_result(location)
+        if messages:
+            self._live[seg] = self._live.get(seg, 0) + messages
 
     # -- the writer thread ---------------------------------------------------
 
@@ -359,6 +377,7 @@ class Spool:
             return exc
         self.failed = None
         batch.segment = self._segment
+        batch.offset = start
         return None
 
     def _writev_all(self, parts: list[bytes | bytearray | memoryview]) -> None:
@@ -404,10 +423,11 @@ class Spool:
     def segment_path(self, number: int) -> Path:
         return self.segments_dir / _segment_name(number)
 
-    def read_body(self, message: QueuedMessage) -> bytes:
-        with open(self.segment_path(message.segment), "rb") as f:
-            f.seek(message.body_offset)
-            return f.read(message.body_len)
+    def read_body(self, location: QueuedMessage | Location) -> bytes:
+        """Blocking read of a body (run it in a thread for large messages)."""
+        with open(self.segment_path(location.segment), "rb") as f:
+            f.seek(location.body_offset)
+            return f.read(location.body_len)
 
 
 class QueueIdGenerator:
