@@ -17,6 +17,7 @@ from pathlib import Path
 from .config import Config, load_config, parse_hostport
 from .errors import ConfigError
 from .policy import Directory, RelayPolicy
+from .quota import QuotaBook, QuotaJournal, make_quota_book
 from .server import SmtpServer
 from .spool import Spool
 from .tlsutil import server_context
@@ -60,7 +61,19 @@ class Relay:
         recovered = self.spool.recover()
         self.spool.start(loop)
         log.info("spool: %d queued message(s) recovered", len(recovered))
-        self.server = SmtpServer(config, policy, self.spool, quota=None, tls_context=tls)
+        self.quota = make_quota_book(config)
+        self.quota_journal: QuotaJournal | None = None
+        if isinstance(self.quota, QuotaBook):
+            self.quota_journal = QuotaJournal(
+                self.quota, config.path(config.quota.state_dir),
+                config.quota.flush_interval, config.quota.snapshot_interval,
+            )
+            self.quota.journal = self.quota_journal
+            self.quota_journal.restore()
+            self.quota_journal.start()
+        else:
+            await self.quota.connect()
+        self.server = SmtpServer(config, policy, self.spool, quota=self.quota, tls_context=tls)
         for addr in config.server.listen:
             await self.server.listen(parse_hostport(addr), implicit_tls=False)
         for addr in config.server.listen_tls:
@@ -83,7 +96,8 @@ class Relay:
             log.warning("reload: listener changes take effect at the next restart")
         self.config = config
         setup_logging(config)
-        self.server.apply(config, policy, self.server.quota)
+        self.quota.apply(config)
+        self.server.apply(config, policy, self.quota)
         log.info("reload: config %s loaded (%d account(s), %d user(s))",
                  self.config_path, len(config.accounts), policy.directory.user_count())
 
@@ -92,6 +106,10 @@ class Relay:
             return
         log.info("shutdown: draining connections (up to %.0fs)", self.config.server.drain_timeout)
         await self.server.drain(self.config.server.drain_timeout)
+        if self.quota_journal is not None:
+            await self.quota_journal.close()
+        else:
+            await self.quota.close()
         self.spool.close()
         log.info("shutdown: done")
         self.stopped.set()

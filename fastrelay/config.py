@@ -145,7 +145,11 @@ class QuotaConfig(Section):
     # When Redis cannot be reached: "tempfail" answers 451 4.3.0 (safe default),
     # "allow" lets mail through uncounted.
     on_backend_error: Literal["tempfail", "allow"] = "tempfail"
-    snapshot_interval: float = 1.0
+    # Local backend: the journal of counted messages is made durable this
+    # often (a crash loses at most this much counting), and a full snapshot
+    # is written this often by a forked child.
+    flush_interval: float = 1.0
+    snapshot_interval: float = 300.0
 
 
 # --- [delivery] -----------------------------------------------------------------
