@@ -1,0 +1,214 @@
+"""Config loading and validation: ``load_config`` and ``fastrelay check-config``.
+
+Every bad file must be refused with one message naming the file, the dotted
+key and the problem, the same from the library, from ``check-config`` and
+from ``serve`` (which must not start, and must not print a traceback).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, Certs
+
+from fastrelay.config import load_config, parse_duration
+from fastrelay.errors import ConfigError
+
+FASTRELAY = [sys.executable, "-m", "fastrelay"]
+HASH = "$argon2id$v=19$m=65536,t=3,p=4$1pjSDp6M35eP3LmfEhFsKg$VBVT6EqbyfTgm0rC4jgfdsu0+CS0pMSeV7jpeDolym0"
+
+VALID = """\
+[server]
+hostname = "relay.example.test"
+listen = ["127.0.0.1:2525", "[::1]:2525"]
+listen_tls = ["127.0.0.1:4465"]
+tls_cert = "{cert}"
+tls_key = "{key}"
+spool_dir = "spool"
+
+[[accounts]]
+name = "example"
+domains = ["example.com", "example.org"]
+
+[[accounts.users]]
+address = "alice@example.com"
+passwords = ["{hash}"]
+
+[[accounts.rules]]
+name = "office"
+allowed_senders = "my_domains"
+only_allowed_ips = true
+ips = [ {{ range = "192.0.2.0/24" }}, {{ range = "10.1.0.0/16" }}, {{ range = "2001:db8::/112" }} ]
+
+[[accounts.rules]]
+name = "users"
+allowed_senders = "registered_users"
+require_auth = true
+require_tls = true
+
+[delivery]
+max_queue_lifetime = "5d"
+"""
+
+SECOND_ACCOUNT = """\
+[[accounts]]
+name = "other"
+domains = ["other.example", "Example.ORG"]
+
+[delivery]"""
+
+NO_TLS = ('listen_tls = ["127.0.0.1:4465"]\ntls_cert = "{cert}"\ntls_key = "{key}"\n', "")
+
+# (id, (text to replace, replacement) in VALID, extra files, dotted key, problem)
+BAD = [
+    ("unknown-key", ('hostname = "', 'hostnme = "'), {}, "server.hostnme", "unknown key"),
+    ("unknown-key-in-rule", ("require_tls = true", "require_tsl = true"), {},
+     "accounts[0].rules[1].require_tsl", "unknown key"),
+    ("unknown-section", ("[delivery]", "[auth]\nenabled = true\n\n[delivery]"), {}, "auth", "unknown key"),
+    ("wrong-type", ('spool_dir = "spool"', 'max_message_size = "25M"'), {},
+     "server.max_message_size", "Expected `int`, got `str`"),
+    ("wrong-type-in-list", ('"192.0.2.0/24"', "192"), {}, "accounts[0].rules[0].ips[0].range",
+     "Expected `str`, got `int`"),
+    ("bad-choice", ('"my_domains"', '"my-domains"'), {}, "accounts[0].rules[0].allowed_senders",
+     "Invalid enum value 'my-domains'"),
+    ("listen-host-name", ('"127.0.0.1:2525"', '"localhost:2525"'), {}, "server.listen[0]",
+     "bad listen address: 'localhost' does not appear to be an IPv4 or IPv6 address"),
+    ("listen-no-port", ('"[::1]:2525"', '"127.0.0.2"'), {}, "server.listen[1]",
+     "bad listen address: '127.0.0.2': missing port (host:port)"),
+    ("listen-bad-port", ('"127.0.0.1:4465"', '"127.0.0.1:65536"'), {}, "server.listen_tls[0]",
+     "bad listen address: '127.0.0.1:65536': bad port '65536'"),
+    ("cidr-syntax", ("192.0.2.0/24", "192.0.2.300/24"), {}, "accounts[0].rules[0].ips[0].range", "bad CIDR"),
+    ("cidr-host-bits", ("192.0.2.0/24", "192.0.2.1/24"), {}, "accounts[0].rules[0].ips[0].range",
+     "bad CIDR: 192.0.2.1/24 has host bits set"),
+    ("cidr-v4-too-wide", ("10.1.0.0/16", "10.0.0.0/15"), {}, "accounts[0].rules[0].ips[1].range",
+     "10.0.0.0/15 covers 131072 addresses; at most 65,536"),
+    ("cidr-v6-too-wide", ("2001:db8::/112", "2001:db8::/111"), {}, "accounts[0].rules[0].ips[2].range",
+     "2001:db8::/111 covers 131072 addresses; at most 65,536"),
+    ("missing-certificate", ("{cert}", "{cert}.missing"), {}, "server.tls_cert", "missing certificate file"),
+    ("rule-without-authentication", ("only_allowed_ips = true", "only_allowed_ips = false"), {},
+     "accounts[0].rules[0]", "rule 'office' has no authentication: set only_allowed_ips and/or require_auth"),
+    ("require-auth-without-certificate", NO_TLS, {}, "accounts[0].rules[1].require_auth",
+     "rule 'users' requires SMTP AUTH, which is only offered inside TLS, but no certificate is configured"),
+    ("toml-syntax", ('spool_dir = "spool"', 'spool_dir = "spool'), {}, "",
+     "not valid TOML: Illegal character '\\n' (at line 7, column 19)"),
+    ("users-file-missing", ('domains = ["example.com", "example.org"]',
+                            'domains = ["example.com", "example.org"]\nusers_file = "users.toml"'), {},
+     "accounts[0].users_file", "cannot read {dir}/users.toml: No such file or directory"),
+    ("users-file-unknown-key", ('domains = ["example.com", "example.org"]',
+                                'domains = ["example.com", "example.org"]\nusers_file = "users.toml"'),
+     {"users.toml": '[[users]]\naddress = "bob@example.com"\npasswrds = []\n'}, "users[0].passwrds", "unknown key"),
+    ("duplicate-domain", ("[delivery]", SECOND_ACCOUNT), {}, "accounts[1].domains[1]",
+     "'Example.ORG' already belongs to account 'example'"),
+    ("bad-duration", ('max_queue_lifetime = "5d"', 'max_queue_lifetime = "5 days"'), {},
+     "delivery.max_queue_lifetime", "'5 days' is not a duration (use e.g. 90s, 10m, 1h, 5d)"),
+]
+
+
+def write_config(directory: Path, certs: Certs, edit: tuple[str, str] = ("", ""),
+                 files: dict[str, str] | None = None) -> Path:
+    old, new = edit
+    assert old in VALID, old
+    text = VALID.replace(old, new, 1) if old else VALID
+    text = text.format(cert=certs.cert, key=certs.key, hash=HASH)
+    for name, content in (files or {}).items():
+        (directory / name).write_text(content)
+    path = directory / "relay.toml"
+    path.write_text(text)
+    return path
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FASTRELAY, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_example_config_passes() -> None:
+    example = ROOT / "examples" / "relay.toml"
+    config = load_config(example)
+    assert config.server.tls_self_signed  # its certificate may not exist yet: that is fine
+    assert [a.name for a in config.accounts] == ["example"]
+    result = run("check-config", "--config", str(example))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"{example}: ok (1 account(s), 1 user(s), 2 rule(s))\n"
+
+
+def test_example_config_passes_without_its_certificate(tmp_path: Path) -> None:
+    # tls_self_signed = true: a fresh copy, before the first start made the pair, is valid.
+    example = tmp_path / "relay.toml"
+    shutil.copyfile(ROOT / "examples" / "relay.toml", example)
+    result = run("check-config", "--config", str(example))
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert not (tmp_path / "var").exists()  # check-config writes nothing
+
+
+def test_valid_config(tmp_path: Path, certs: Certs) -> None:
+    path = write_config(tmp_path, certs)
+    config = load_config(path)
+    assert config.source == str(path) and config.base_dir == str(tmp_path)
+    assert config.path(config.server.spool_dir) == tmp_path / "spool"
+    assert [r.range for r in config.accounts[0].rules[0].ips] == ["192.0.2.0/24", "10.1.0.0/16", "2001:db8::/112"]
+    result = run("check-config", "--config", str(path))
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"{path}: ok (1 account(s), 1 user(s), 2 rule(s))\n", "")
+
+
+def test_users_file_adds_users(tmp_path: Path, certs: Certs) -> None:
+    path = write_config(tmp_path, certs, ('domains = ["example.com", "example.org"]',
+                                          'domains = ["example.com", "example.org"]\nusers_file = "users.toml"'),
+                        {"users.toml": f'[[users]]\naddress = "bob@example.com"\npasswords = ["{HASH}"]\n'})
+    config = load_config(path)
+    assert [u.address for u in config.accounts[0].users] == ["alice@example.com", "bob@example.com"]
+
+
+@pytest.mark.parametrize("edit, files, key, problem", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_config_refused(tmp_path: Path, certs: Certs, edit: tuple[str, str],
+                            files: dict[str, str], key: str, problem: str) -> None:
+    path = write_config(tmp_path, certs, edit, files)
+    problem = problem.format(dir=tmp_path)
+    # The users file's own errors name the users file.
+    named = tmp_path / "users.toml" if key.startswith("users[") else path
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    error = info.value
+    assert (error.path, error.key) == (str(named), key)
+    assert problem in error.problem
+    where = f"{named}: {key}: " if key else f"{named}: "
+    assert str(error) == where + error.problem
+
+    result = run("check-config", "--config", str(path))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"fastrelay: {error}\n"
+
+
+@pytest.mark.parametrize("case", ["unknown-section", "cidr-v4-too-wide", "toml-syntax"])
+def test_serve_refuses_bad_config(tmp_path: Path, certs: Certs, case: str) -> None:
+    edit, files, _, _ = next(c[1:] for c in BAD if c[0] == case)
+    path = write_config(tmp_path, certs, edit, files)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    result = run("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr == f"fastrelay: {info.value}\n"  # the same one line, no traceback
+    assert not (tmp_path / "spool").exists()
+
+
+def test_unloadable_certificate_refused(tmp_path: Path, certs: Certs) -> None:
+    # Valid as far as load_config goes; check-config and serve both load the pair.
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    path = write_config(tmp_path, certs, ("{cert}", str(tmp_path / "cert.pem")))
+    load_config(path)
+    expected = (f"fastrelay: {path}: server.tls_cert: cannot load {tmp_path / 'cert.pem'} / "
+                f"{certs.key}: [SSL] PEM lib")
+    for command in ("check-config", "serve"):
+        result = run(command, "--config", str(path))
+        assert (result.returncode, result.stdout) == (2, ""), command
+        assert result.stderr.startswith(expected) and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("5d", 432000),
+                                           ("2w", 1209600), ("30", 30), (45, 45), ("1.5h", 5400)])
+def test_durations(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
