@@ -69,8 +69,13 @@ log = logging.getLogger("fastrelay.quota")
 
 DAY = 86_400.0
 PEAK = 600.0
-DAY_BUCKETS = 288          # 5-minute buckets
-PEAK_BUCKETS = 600         # 1-second buckets
+# A ring of N buckets drops a bucket as soon as the window's start passes the
+# bucket's end, i.e. up to one bucket early; one extra bucket makes every
+# count stay at least the full span (and at most span + one bucket).
+DAY_BUCKETS = 288 + 1      # 5-minute buckets
+PEAK_BUCKETS = 600 + 1     # 1-second buckets
+DAY_RING_SPAN = DAY / 288 * DAY_BUCKETS
+PEAK_RING_SPAN = PEAK / 600 * PEAK_BUCKETS
 
 
 def limit_replies(temporary_daily: bool) -> dict[str, bytes]:
@@ -105,7 +110,7 @@ class UserWindows:
     __slots__ = ("messages", "unique")
 
     def __init__(self) -> None:
-        self.messages = RateWindow(DAY, DAY_BUCKETS)
+        self.messages = RateWindow(DAY_RING_SPAN, DAY_BUCKETS)
         self.unique = UniqueWindow(DAY)
 
 
@@ -113,8 +118,8 @@ class OrgWindows:
     __slots__ = ("day", "peak")
 
     def __init__(self) -> None:
-        self.day = RateWindow(DAY, DAY_BUCKETS)
-        self.peak = RateWindow(PEAK, PEAK_BUCKETS)
+        self.day = RateWindow(DAY_RING_SPAN, DAY_BUCKETS)
+        self.peak = RateWindow(PEAK_RING_SPAN, PEAK_BUCKETS)
 
 
 class LogicalClock:

@@ -31,7 +31,7 @@ import redis.exceptions
 from . import replies
 from .config import Config, LimitSet
 from .policy import Account, RelayDecision
-from .quota import DAY, DAY_BUCKETS, PEAK, PEAK_BUCKETS, QuotaTxn, limit_replies, rcpt_key
+from .quota import DAY, DAY_BUCKETS, DAY_RING_SPAN, PEAK, PEAK_BUCKETS, PEAK_RING_SPAN, QuotaTxn, limit_replies, rcpt_key
 
 log = logging.getLogger("fastrelay.quota")
 
@@ -78,12 +78,12 @@ end
 _CHECK_RCPT = _RING + f"""
 local now = now_seconds()
 local pending = tonumber(ARGV[1])
-local _, peak = advance(KEYS[2], now, {PEAK / PEAK_BUCKETS}, {PEAK_BUCKETS})
+local _, peak = advance(KEYS[2], now, {PEAK_RING_SPAN / PEAK_BUCKETS}, {PEAK_BUCKETS})
 if peak + pending + 1 > tonumber(ARGV[6]) then return {{1, peak + pending, 0}} end
-local _, day = advance(KEYS[1], now, {DAY / DAY_BUCKETS}, {DAY_BUCKETS})
+local _, day = advance(KEYS[1], now, {DAY_RING_SPAN / DAY_BUCKETS}, {DAY_BUCKETS})
 if day + pending + 1 > tonumber(ARGV[7]) then return {{2, day + pending, 0}} end
 if ARGV[5] == '1' then
-  local _, msgs = advance(KEYS[3], now, {DAY / DAY_BUCKETS}, {DAY_BUCKETS})
+  local _, msgs = advance(KEYS[3], now, {DAY_RING_SPAN / DAY_BUCKETS}, {DAY_BUCKETS})
   if msgs + 1 > tonumber(ARGV[8]) then return {{3, msgs, 0}} end
   if ARGV[4] == '0' then
     redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - {DAY})
@@ -103,13 +103,13 @@ return {{0, 0, 0}}
 _RESERVE = _RING + f"""
 local now = now_seconds()
 local n = tonumber(ARGV[1])
-local _, peak = advance(KEYS[2], now, {PEAK / PEAK_BUCKETS}, {PEAK_BUCKETS})
+local _, peak = advance(KEYS[2], now, {PEAK_RING_SPAN / PEAK_BUCKETS}, {PEAK_BUCKETS})
 if peak + n > tonumber(ARGV[3]) then return {{1, peak}} end
-local _, day = advance(KEYS[1], now, {DAY / DAY_BUCKETS}, {DAY_BUCKETS})
+local _, day = advance(KEYS[1], now, {DAY_RING_SPAN / DAY_BUCKETS}, {DAY_BUCKETS})
 if day + n > tonumber(ARGV[4]) then return {{2, day}} end
 local fresh = {{}}
 if ARGV[2] == '1' then
-  local _, msgs = advance(KEYS[3], now, {DAY / DAY_BUCKETS}, {DAY_BUCKETS})
+  local _, msgs = advance(KEYS[3], now, {DAY_RING_SPAN / DAY_BUCKETS}, {DAY_BUCKETS})
   if msgs + 1 > tonumber(ARGV[5]) then return {{3, msgs}} end
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - {DAY})
   for i = 7, #ARGV do
@@ -117,12 +117,12 @@ if ARGV[2] == '1' then
   end
   local unique = redis.call('ZCARD', KEYS[4])
   if unique + #fresh > tonumber(ARGV[6]) then return {{4, unique}} end
-  ring_add(KEYS[3], now, {DAY / DAY_BUCKETS}, {DAY_BUCKETS}, 1)
+  ring_add(KEYS[3], now, {DAY_RING_SPAN / DAY_BUCKETS}, {DAY_BUCKETS}, 1)
   for i = 7, #ARGV do redis.call('ZADD', KEYS[4], now, ARGV[i]) end
   redis.call('EXPIRE', KEYS[4], {int(DAY) + 600})
 end
-ring_add(KEYS[2], now, {PEAK / PEAK_BUCKETS}, {PEAK_BUCKETS}, n)
-ring_add(KEYS[1], now, {DAY / DAY_BUCKETS}, {DAY_BUCKETS}, n)
+ring_add(KEYS[2], now, {PEAK_RING_SPAN / PEAK_BUCKETS}, {PEAK_BUCKETS}, n)
+ring_add(KEYS[1], now, {DAY_RING_SPAN / DAY_BUCKETS}, {DAY_BUCKETS}, n)
 local out = {{0, 0}}
 for _, k in ipairs(fresh) do table.insert(out, k) end
 return out
@@ -141,10 +141,10 @@ local function take(key, width, nb, k)
     redis.call('HSET', key, f, v - d, 't', total - d)
   end
 end
-take(KEYS[2], {PEAK / PEAK_BUCKETS}, {PEAK_BUCKETS}, n)
-take(KEYS[1], {DAY / DAY_BUCKETS}, {DAY_BUCKETS}, n)
+take(KEYS[2], {PEAK_RING_SPAN / PEAK_BUCKETS}, {PEAK_BUCKETS}, n)
+take(KEYS[1], {DAY_RING_SPAN / DAY_BUCKETS}, {DAY_BUCKETS}, n)
 if ARGV[2] == '1' then
-  take(KEYS[3], {DAY / DAY_BUCKETS}, {DAY_BUCKETS}, 1)
+  take(KEYS[3], {DAY_RING_SPAN / DAY_BUCKETS}, {DAY_BUCKETS}, 1)
   for i = 3, #ARGV do redis.call('ZREM', KEYS[4], ARGV[i]) end
 end
 return 0
