@@ -44,7 +44,7 @@ from .policy import RelayDecision, RelayPolicy, SessionFacts, is_valid_helo, nor
 from .spool import Envelope, Location, QueueIdGenerator, Spool
 
 if TYPE_CHECKING:
-    from .quota import QuotaBook
+    from .quota import QuotaBook, QuotaTxn
 
 log = logging.getLogger("fastrelay.smtpd")
 
@@ -107,7 +107,10 @@ class AuthThrottle:
         return 0.0
 
     def succeed(self, ip: str) -> None:
-        self._failures.pop(ip, None)
+        # Failures are not wiped: whoever holds one valid password could
+        # otherwise reset the count between guesses at other users' passwords.
+        # They age out of auth_failure_window instead.
+        pass
 
 
 class SmtpServer:
@@ -248,10 +251,14 @@ class SmtpSession(asyncio.Protocol):
         self.last_activity = 0.0
         self.reading_paused = False
         self._auth_login_user = ""
+        # Replies to the commands of the current read, not yet written; a
+        # command that closes the session writes them first (RFC 2920 order).
+        self._unsent: list[bytes] = []
         self._reset_transaction()
 
     def _reset_transaction(self) -> None:
         self.decision: RelayDecision | None = None
+        self.quota_txn: QuotaTxn | None = None
         self.sender = ""
         self.recipients: list[str] = []
         self.smtputf8 = False
@@ -302,7 +309,8 @@ class SmtpSession(asyncio.Protocol):
             return
         self.closing = True
         try:
-            self.transport.write(reply)
+            self.transport.write(b"".join(self._unsent) + reply)
+            self._unsent.clear()
         finally:
             self.transport.close()
 
@@ -319,7 +327,8 @@ class SmtpSession(asyncio.Protocol):
         if self.closing or self.tls_pending:
             return  # RFC 3207 §4.2: nothing sent before the TLS handshake counts
         if self.state == State.DATA and not self.busy:
-            self._feed_data(data)
+            if self._feed_data(data) and self.buffer and not self.busy:
+                self._drain_lines()
             return
         self.buffer += data
         if self.busy:
@@ -331,6 +340,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _drain_lines(self) -> None:
         out: list[bytes] = []
+        self._unsent = out
         buf = self.buffer
         pos = 0
         try:
@@ -339,11 +349,15 @@ class SmtpSession(asyncio.Protocol):
                     self.buffer = buf[pos:]
                     if out:
                         self.transport.write(b"".join(out))
-                        out = []
+                        out.clear()
                     rest, self.buffer = self.buffer, b""
-                    if rest:
-                        self._feed_data(rest)
-                    return
+                    if not rest or not self._feed_data(rest):
+                        return
+                    # The content ended in this read: go on with what follows,
+                    # in this loop (recursing once per pipelined message that is
+                    # refused at once would exhaust the stack).
+                    buf, pos = self.buffer, 0
+                    continue
                 nl = buf.find(b"\n", pos)
                 limit = MAX_AUTH_LINE if self._auth_line_allowed(buf, pos) else MAX_COMMAND_LINE
                 if nl < 0:
@@ -383,6 +397,7 @@ class SmtpSession(asyncio.Protocol):
         self.buffer = buf[pos:]
         if out and not self.closing:
             self.transport.write(b"".join(out))
+        out.clear()
 
     def _auth_line_allowed(self, buf: bytes, pos: int) -> bool:
         if self.state in (State.AUTH_PLAIN, State.AUTH_LOGIN_USER, State.AUTH_LOGIN_PASS):
@@ -507,9 +522,14 @@ class SmtpSession(asyncio.Protocol):
             log.info("NOQUEUE: reason: %s", decision.reason)
             return decision.reply
         self.decision = decision
+        if self.server.quota is not None:
+            self.quota_txn = self.server.quota.begin(decision, self.recipients)
         self.sender = decision.sender
         self.smtputf8 = smtputf8
         self.state = State.MAIL
+        log.info("accept: MAIL from %s[%s]: %s (identified by %s); from=<%s> helo=<%s> auth=%s tls=%s",
+                 self.helo, self.client_ip, decision.reason, decision.identified_by, sender,
+                 self.helo, self.auth_user or "-", "yes" if self.tls else "no")
         if decision.original_sender is not None:
             log.info("rewrite: from=<%s> to=<%s> client=[%s] account=%s rule=%s",
                      decision.original_sender, decision.sender, self.client_ip,
@@ -534,14 +554,14 @@ class SmtpSession(asyncio.Protocol):
         if decision.original_sender == "" or (not self.sender and decision.original_sender is None):
             # The null sender, even rewritten: one recipient only.
             if self.recipients:
-                return replies.NULL_SENDER_ONE_RCPT
-        quota = self.server.quota
-        if quota is None:
+                return self._rcpt_verdict(rcpt, replies.NULL_SENDER_ONE_RCPT)
+        quota, txn = self.server.quota, self.quota_txn
+        if quota is None or txn is None:
             if len(self.recipients) >= 100:
                 return replies.TOO_MANY_RCPTS
             self.recipients.append(rcpt)
             return replies.RCPT_OK
-        result = quota.check_recipient(decision, self.recipients, rcpt)
+        result = quota.check_recipient(txn, rcpt)
         if isinstance(result, bytes) or result is None:
             return self._rcpt_verdict(rcpt, result)
         self._defer(self._rcpt_async(rcpt, result))
@@ -612,13 +632,14 @@ class SmtpSession(asyncio.Protocol):
             return replies.NOT_IMPLEMENTED
         if self.state == State.GREETED:
             return replies.NEED_HELO
-        self.transport.write(replies.READY_TLS)
         # RFC 3207 §4.2: discard anything pipelined behind STARTTLS (CVE-2011-0411).
         self.buffer = b""
         self.tls_pending = True
         self.busy = True
         asyncio.ensure_future(self._start_tls())
-        return None
+        # Returned, not written: replies pipelined before STARTTLS go out first.
+        # The handshake starts after this read's replies are written.
+        return replies.READY_TLS
 
     async def _start_tls(self) -> None:
         loop = self.server.loop
@@ -741,15 +762,17 @@ class SmtpSession(asyncio.Protocol):
 
     # -- DATA ------------------------------------------------------------------------
 
-    def _feed_data(self, data: bytes) -> None:
-        """Collect message content until <CR><LF>.<CR><LF> (RFC 5321 §4.1.1.4)."""
+    def _feed_data(self, data: bytes) -> bool:
+        """Collect message content until <CR><LF>.<CR><LF> (RFC 5321 §4.1.1.4).
+
+        True when the content ended; the bytes after it are then in self.buffer."""
         tail = self.tail
         window = tail + data
         found = window.find(b"\r\n.\r\n")
         if found < 0:
             self._store(data)
             self.tail = window[-4:]
-            return
+            return False
         # Content ends with the CRLF that starts the terminator.
         cut = found + 2 - len(tail)
         if cut >= 0:
@@ -760,14 +783,17 @@ class SmtpSession(asyncio.Protocol):
         self._end_of_data()
         if rest:
             self.buffer = rest + self.buffer
-            if not self.busy:
-                self._drain_lines()
+        return True
 
     def _store(self, data: bytes) -> None:
         if self.oversize or not data:
             return
         self.data_size += len(data)
-        if self.data_size > self.cfg.max_message_size:
+        # RFC 1870: the size excludes the doubled dots, and up to ".\r" of the
+        # terminator may be stored before it is recognised; the exact check is
+        # on the unstuffed content in _end_of_data.  A dot-stuffed stream is at
+        # most 4/3 of its content ("." -> "..\r\n").
+        if self.data_size > self.cfg.max_message_size + self.cfg.max_message_size // 3 + 4:
             # Keep reading to the end of DATA but stop buffering (RFC 5321 §4.5.3.1.10).
             self.oversize = True
             self.chunks = []
@@ -814,9 +840,9 @@ class SmtpSession(asyncio.Protocol):
         server = self.server
         decision = self.decision
         assert decision is not None
-        quota = server.quota
-        if quota is not None:
-            refusal = quota.reserve(decision, self.recipients)
+        quota, txn = server.quota, self.quota_txn
+        if quota is not None and txn is not None:
+            refusal = quota.reserve(txn)
             if not isinstance(refusal, bytes) and refusal is not None:
                 refusal = await refusal
             if refusal is not None:
@@ -836,8 +862,8 @@ class SmtpSession(asyncio.Protocol):
         try:
             location = await server.spool.append_message(envelope, (header, content))
         except SpoolError as exc:
-            if quota is not None:
-                quota.release(decision, self.recipients)
+            if quota is not None and txn is not None:
+                quota.release(txn)
             log.error("%s: spool write failed: %s; answered 452", queue_id, exc)
             self._reset_transaction()
             self.state = State.READY

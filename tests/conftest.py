@@ -8,6 +8,7 @@ smtplib, swaks, msmtp or Postfix.  The relay runs as a subprocess
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import ssl
@@ -100,7 +101,7 @@ passwords = ["{alice_hash}"]
 name = "loopback"
 allowed_senders = "my_domains"
 only_allowed_ips = true
-ips = [ {{ range = "127.0.0.0/24", description = "tests", enabled = true }} ]
+ips = [ { range = "127.0.0.0/24", description = "tests", enabled = true } ]
 
 [[accounts.rules]]
 name = "authenticated"
@@ -188,6 +189,10 @@ class RelayProcess:
 
 def write_config(directory: Path, certs: Certs, port: int, tls_port: int, *,
                  accounts: str, server_extra: str = "", extra: str = "") -> Path:
+    extra = textwrap.dedent(extra)
+    if "[delivery]" not in extra:
+        # Accepted mail stays in the spool unless a test configures delivery.
+        extra += "\n[delivery]\nenabled = false\n"
     config = textwrap.dedent(f"""
         [server]
         hostname = "{HOSTNAME}"
@@ -289,3 +294,74 @@ def raw(relay: RelayProcess) -> Iterator[RawClient]:
     client = RawClient(relay.port)
     yield client
     client.close()
+
+
+# --- Helpers for the protocol, framing and spool tests (issue 2) ---------------
+
+QUEUED_RE = re.compile(rb"^250 2\.0\.0 Ok: queued as ([0-9A-Za-z]+)$")
+
+
+def queue_id_of(reply: bytes) -> str:
+    """The queue id from a ``250 2.0.0 Ok: queued as ID`` reply (with or without the code)."""
+    text = reply.strip()
+    if not text.startswith(b"250 "):
+        text = b"250 " + text
+    m = QUEUED_RE.match(text)
+    assert m is not None, f"not a queued reply: {reply!r}"
+    return m.group(1).decode()
+
+
+def split_received(body: bytes, queue_id: str) -> tuple[bytes, bytes]:
+    """Split a spooled body into the relay's own Received: header and the content as received.
+
+    The header is ``Received: from ...`` and continuation lines; its line with
+    ``id QUEUEID`` is followed by exactly one more line (``for <rcpt>; date`` or
+    the date alone), so the split does not depend on what the content looks like.
+    """
+    assert body.startswith(b"Received: from "), body[:80]
+    at = body.index(f" id {queue_id}".encode())
+    id_line_end = body.index(b"\r\n", at) + 2
+    end = body.index(b"\r\n", id_line_end) + 2
+    return body[:end], body[end:]
+
+
+def spooled(relay: RelayProcess, queue_id: str) -> tuple[object, bytes, bytes]:
+    """(envelope, Received header, content) of one queued message, read from disk."""
+    for envelope, body in relay.queued():
+        if envelope.queue_id == queue_id:  # type: ignore[attr-defined]
+            header, content = split_received(body, queue_id)
+            return envelope, header, content
+    raise AssertionError(f"{queue_id} is not in the spool")
+
+
+def start_tls(client: RawClient, context: ssl.SSLContext, server_hostname: str = HOSTNAME) -> None:
+    """Upgrade a RawClient's socket after its ``220 2.0.0 Ready to start TLS``."""
+    assert client.buf == b"", f"plaintext bytes after the 220: {client.buf!r}"
+    client.sock = context.wrap_socket(client.sock, server_hostname=server_hostname)
+
+
+@pytest.fixture(scope="module")
+def module_relay(tmp_path_factory: pytest.TempPathFactory, certs: Certs, alice_hash: str) -> Iterator[RelayProcess]:
+    """One relay with the default config shared by a module's tests (saves a start per test).
+
+    Only for tests that leave no state behind that another test could see
+    (every check goes through the test's own queue ids)."""
+    directory = tmp_path_factory.mktemp("module-relay")
+    port, tls_port = free_port(), free_port()
+    config_path = write_config(directory, certs, port, tls_port,
+                               accounts=DEFAULT_ACCOUNTS.replace("{alice_hash}", alice_hash))
+    relay = RelayProcess(directory, port, tls_port, certs, config_path)
+    relay.start()
+    yield relay
+    if relay.proc is not None and relay.proc.poll() is None:
+        relay.stop()
+
+
+class TlsRawClient(RawClient):
+    """A RawClient on the implicit TLS port: the handshake comes before the banner."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = context.wrap_socket(sock, server_hostname=HOSTNAME)
+        self.buf = b""
+        self.banner = self.reply()

@@ -1,0 +1,336 @@
+"""The spool in process: fastrelay.spool.Spool on a temporary directory.
+
+Each test runs the spool on the default asyncio loop and on uvloop (the
+relay's loop).  Recovery is checked by opening a *new* Spool on the same
+directory, as a restarted relay does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import uvloop
+
+from fastrelay.spool import (
+    HEADER_SIZE,
+    MAGIC,
+    DeliveryState,
+    Envelope,
+    Location,
+    MessageState,
+    QueuedMessage,
+    QueueIdGenerator,
+    Spool,
+    read_records,
+)
+
+T = TypeVar("T")
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request: pytest.FixtureRequest) -> Callable[[Awaitable[T]], T]:
+    """Run a coroutine to completion on the loop under test."""
+    factory = LOOPS[request.param]
+
+    def runner(coro: Awaitable[T]) -> T:
+        with asyncio.Runner(loop_factory=factory) as r:
+            return r.run(coro)  # type: ignore[arg-type]
+
+    return runner
+
+
+def envelope(n: int, **kw: Any) -> Envelope:
+    return Envelope(
+        queue_id=f"Q{n:06d}", arrival=1_700_000_000.0 + n, client_ip="127.0.0.1",
+        client_helo="client.example.com", sender=f"s{n}@example.com",
+        recipients=[f"r{n}@dest.test", f"x{n}@dest.test"], **kw,
+    )
+
+
+def body(n: int, size: int = 0) -> tuple[bytes, bytes]:
+    """(Received header, content) as the server hands them to the spool."""
+    header = f"Received: from client.example.com\r\n\tby relay id Q{n:06d}\r\n".encode()
+    content = f"Subject: message {n}\r\n\r\n".encode() + bytes(range(256)) + b"\r\n"
+    if size:
+        content += b"x" * size + b"\r\n"
+    return header, content
+
+
+async def append(spool: Spool, numbers: range | list[int], size: int = 0) -> list[Location | None]:
+    spool.start(asyncio.get_running_loop())
+    try:
+        return await asyncio.gather(*(spool.append_message(envelope(n), body(n, size)) for n in numbers))
+    finally:
+        spool.close()
+
+
+def recovered(directory: Path) -> list[QueuedMessage]:
+    spool = Spool(directory)
+    try:
+        return spool.recover()
+    finally:
+        spool.close()
+
+
+def check_messages(directory: Path, messages: list[QueuedMessage], numbers: list[int], size: int = 0) -> None:
+    spool = Spool(directory)
+    assert [m.envelope for m in messages] == [envelope(n) for n in numbers]
+    for m, n in zip(messages, numbers):
+        assert spool.read_body(m) == b"".join(body(n, size))
+
+
+def segments(directory: Path) -> list[str]:
+    return sorted(p.name for p in (directory / "segments").glob("*.log"))
+
+
+def record_ends(path: Path) -> list[int]:
+    return [end for *_, end in read_records(path)]
+
+
+# -- append and recover -----------------------------------------------------------------
+
+
+def test_append_then_recover_every_message(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    spool = Spool(tmp_path)
+    assert spool.recover() == []
+    locations = run(append(spool, range(5)))
+    # Each future resolved to where the body is; the body is readable there.
+    for n, loc in enumerate(locations):
+        assert isinstance(loc, Location)
+        assert spool.read_body(loc) == b"".join(body(n))
+    messages = recovered(tmp_path)
+    check_messages(tmp_path, messages, list(range(5)))
+    assert [Location(m.segment, m.body_offset, m.body_len) for m in messages] == locations
+    assert all(m.state == DeliveryState(m.envelope.queue_id, MessageState.INCOMING) for m in messages)
+
+
+def test_recover_across_several_starts(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    for start in range(3):
+        spool = Spool(tmp_path)
+        assert len(spool.recover()) == 2 * start
+        run(append(spool, [2 * start, 2 * start + 1]))
+    messages = recovered(tmp_path)
+    check_messages(tmp_path, messages, list(range(6)))
+    # Every start writes to a fresh segment.
+    assert len({m.segment for m in messages}) == 3
+
+
+def test_large_body(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    spool = Spool(tmp_path)
+    spool.recover()
+    run(append(spool, [1, 2], size=3 << 20))
+    check_messages(tmp_path, recovered(tmp_path), [1, 2], size=3 << 20)
+
+
+def test_scan_is_read_only(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    spool = Spool(tmp_path)
+    spool.recover()
+    run(append(spool, range(3)))
+    [path] = (tmp_path / "segments").glob("*.log")
+    with open(path, "ab") as f:
+        f.write(b"torn")
+    size = path.stat().st_size
+    names = segments(tmp_path)
+    assert [m.envelope.queue_id for m in Spool(tmp_path).scan()] == ["Q000000", "Q000001", "Q000002"]
+    assert path.stat().st_size == size and segments(tmp_path) == names
+
+
+# -- torn tails ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["header", "envelope", "body", "last-byte"])
+def test_torn_last_record_is_cut(tmp_path: Path, run: Callable[[Awaitable[Any]], Any], where: str) -> None:
+    """A crash in the middle of the last write: recovery cuts it, earlier records survive."""
+    spool = Spool(tmp_path)
+    spool.recover()
+    run(append(spool, range(3)))
+    [path] = (tmp_path / "segments").glob("*.log")
+    ends = record_ends(path)
+    assert len(ends) == 3 and ends[-1] == path.stat().st_size
+    last_start = ends[1]
+    cut = {"header": last_start + 7, "envelope": last_start + HEADER_SIZE + 3,
+           "body": last_start + (ends[2] - last_start) // 2 + 20, "last-byte": ends[2] - 1}[where]
+    assert last_start < cut < ends[2]
+    os.truncate(path, cut)
+
+    messages = recovered(tmp_path)
+    check_messages(tmp_path, messages, [0, 1])
+    # The torn bytes are gone from disk, so nothing can ever be appended after them.
+    assert path.stat().st_size == ends[1]
+    # The spool goes on: new messages land in a new segment and recover with the old ones.
+    spool = Spool(tmp_path)
+    spool.recover()
+    run(append(spool, [3]))
+    check_messages(tmp_path, recovered(tmp_path), [0, 1, 3])
+
+
+@pytest.mark.parametrize("garbage", ["random", "zeros", "bad-magic", "bad-crc", "huge-length"])
+def test_garbage_after_the_last_record_is_cut(tmp_path: Path, run: Callable[[Awaitable[Any]], Any],
+                                              garbage: str) -> None:
+    spool = Spool(tmp_path)
+    spool.recover()
+    run(append(spool, range(3)))
+    [path] = (tmp_path / "segments").glob("*.log")
+    good_size = path.stat().st_size
+    data = path.read_bytes()
+    first_record = data[:record_ends(path)[0]]
+    tail = {
+        "random": os.urandom(1000),
+        "zeros": bytes(4096),                     # a file system that extended the file but lost the data
+        "bad-magic": b"XXXX" + first_record[4:],
+        "bad-crc": first_record[:-1] + bytes([first_record[-1] ^ 0x55]),
+        "huge-length": MAGIC + b"M\0\0\0" + (10).to_bytes(4, "little") + (1 << 40).to_bytes(8, "little")
+                       + bytes(4) + b"0123456789",
+    }[garbage]
+    with open(path, "ab") as f:
+        f.write(tail)
+    check_messages(tmp_path, recovered(tmp_path), [0, 1, 2])
+    assert path.stat().st_size == good_size
+
+
+# -- state records and segment deletion ------------------------------------------------------
+
+
+def test_state_records(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    spool = Spool(tmp_path)
+    spool.recover()
+
+    async def go() -> None:
+        spool.start(asyncio.get_running_loop())
+        await asyncio.gather(*(spool.append_message(envelope(n), body(n)) for n in range(4)))
+        await spool.append_state(DeliveryState("Q000001", MessageState.DONE))
+        await spool.append_state(DeliveryState("Q000002", MessageState.DEFERRED, attempts=1, next_attempt=5.0))
+        # The newest state record of a queue id wins.
+        await spool.append_state(DeliveryState("Q000002", MessageState.DEFERRED, attempts=2, next_attempt=9.0,
+                                               done_recipients=[1], last_error="451 4.3.0 try later"))
+        await spool.append_state(DeliveryState("Q000003", MessageState.HOLD))
+        # A state about a message the spool never had changes nothing.
+        await spool.append_state(DeliveryState("Q999999", MessageState.DEFERRED))
+        spool.close()
+
+    run(go())
+    messages = recovered(tmp_path)
+    check_messages(tmp_path, messages, [0, 2, 3])
+    assert [m.state for m in messages] == [
+        DeliveryState("Q000000", MessageState.INCOMING),
+        DeliveryState("Q000002", MessageState.DEFERRED, attempts=2, next_attempt=9.0, done_recipients=[1],
+                      last_error="451 4.3.0 try later"),
+        DeliveryState("Q000003", MessageState.HOLD),
+    ]
+
+
+def test_done_segments_are_deleted(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    spool = Spool(tmp_path)
+    spool.recover()
+    run(append(spool, range(3)))                       # segment 1
+    assert segments(tmp_path) == ["00000001.log"]
+
+    spool = Spool(tmp_path)
+    assert len(spool.recover()) == 3                   # writes go to segment 2 now
+
+    async def finish() -> None:
+        spool.start(asyncio.get_running_loop())
+        for n in (0, 1):
+            await spool.append_state(DeliveryState(f"Q{n:06d}", MessageState.DONE))
+        assert segments(tmp_path) == ["00000001.log", "00000002.log"]   # message 2 still lives in 1
+        await spool.append_state(DeliveryState("Q000002", MessageState.DONE))
+        assert segments(tmp_path) == ["00000002.log"]
+        spool.close()
+
+    run(finish())
+    assert recovered(tmp_path) == []
+    # At the next start segment 2 (state records only) goes too.
+    assert segments(tmp_path) == ["00000003.log"]
+
+
+def test_newer_segment_waits_for_older_live_ones(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    """A segment may hold the state of a message in an older segment: it stays while that one lives."""
+    spool = Spool(tmp_path)
+    spool.recover()
+    run(append(spool, [0]))                            # segment 1: message 0
+
+    spool = Spool(tmp_path)
+    spool.recover()                                    # segment 2
+
+    async def second() -> None:
+        spool.start(asyncio.get_running_loop())
+        await spool.append_message(envelope(1), body(1))
+        await spool.append_state(DeliveryState("Q000000", MessageState.DEFERRED, attempts=4))
+        spool.close()
+
+    run(second())
+
+    spool = Spool(tmp_path)
+    assert [m.state.attempts for m in spool.recover()] == [4, 0]      # segment 3
+
+    async def third() -> None:
+        spool.start(asyncio.get_running_loop())
+        await spool.append_state(DeliveryState("Q000001", MessageState.DONE))
+        spool.close()
+
+    run(third())
+    # Segment 2 has no live message left, but it holds message 0's state.
+    assert segments(tmp_path) == ["00000001.log", "00000002.log", "00000003.log"]
+    [m] = recovered(tmp_path)
+    assert m.envelope == envelope(0) and m.state == DeliveryState("Q000000", MessageState.DEFERRED, attempts=4)
+
+
+# -- group commit ------------------------------------------------------------------------------
+
+
+def test_concurrent_appends_share_fsyncs(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    """200 transactions at once: a handful of batches (one fdatasync each), not 200.
+
+    To make the count deterministic the writer thread is held at its first
+    batch until every append is queued (a wrapper around the real method: the
+    writes and fsyncs themselves are real).
+    """
+    spool = Spool(tmp_path)
+    spool.recover()
+    gate = threading.Event()
+    batches: list[int] = []
+    real_write = spool._write_batch
+
+    def held_write(batch: Any) -> Any:
+        gate.wait(30)
+        batches.append(len(batch.futures))
+        return real_write(batch)
+
+    spool._write_batch = held_write  # type: ignore[method-assign]
+
+    async def go() -> list[Location | None]:
+        spool.start(asyncio.get_running_loop())
+
+        # As 200 sessions finishing DATA in the same loop iteration do.
+        futures = [spool.append_message(envelope(n), body(n)) for n in range(200)]
+        gate.set()
+        try:
+            return await asyncio.gather(*futures)
+        finally:
+            spool.close()
+
+    locations = run(go())
+    assert sum(batches) == 200 and len(batches) <= 2, batches
+    assert len({loc for loc in locations}) == 200
+    check_messages(tmp_path, recovered(tmp_path), list(range(200)))
+
+
+# -- queue ids -----------------------------------------------------------------------------------
+
+
+def test_queue_ids_unique_and_time_ordered() -> None:
+    gen = QueueIdGenerator()
+    ids = [gen.next() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids, key=lambda i: (len(i), i))
+    assert all(c in QueueIdGenerator.ALPHABET for c in "".join(ids))
+    # A later generator (a restart) continues above the earlier ids.
+    later = QueueIdGenerator().next()
+    assert (len(later), later) > (len(ids[0]), ids[0])
