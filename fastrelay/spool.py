@@ -40,6 +40,7 @@ import asyncio
 import enum
 import errno
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -133,36 +134,55 @@ def _segment_name(number: int) -> str:
 def read_records(path: Path) -> Iterator[tuple[bytes, bytes, int, int, int]]:
     """Yield (kind, envelope bytes, body offset, body length, record end) for each intact record.
 
-    Stops at the first torn or corrupt record: everything after it was never
-    acknowledged (appends are sequential and a batch is only acknowledged
-    after its fsync).
+    A crash can only tear the tail (appends are sequential and a batch is
+    acknowledged after its fsync), but a disk can also damage a record in the
+    middle.  So a bad record is skipped by searching for the next magic whose
+    record checks out (length and CRC), and only what follows the last intact
+    record is a torn tail: acknowledged records after damage are never lost.
     """
     with open(path, "rb") as f:
-        offset = 0
-        while True:
-            header = f.read(HEADER_SIZE)
-            if len(header) < HEADER_SIZE:
-                return
-            magic, kind, env_len, body_len, crc = _HEADER.unpack(header)
-            if magic != MAGIC or kind not in (KIND_MESSAGE, KIND_STATE):
-                return
-            env = f.read(env_len)
-            if len(env) < env_len:
-                return
-            body_offset = offset + HEADER_SIZE + env_len
-            check = zlib.crc32(env)
-            remaining = body_len
-            while remaining:
-                chunk = f.read(min(remaining, 1 << 20))
-                if not chunk:
-                    return
-                check = zlib.crc32(chunk, check)
-                remaining -= len(chunk)
-            if check != crc:
-                return
-            end = body_offset + body_len
-            yield kind, env, body_offset, body_len, end
-            offset = end
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            offset = 0
+            while offset + HEADER_SIZE <= size:
+                record = _record_at(data, offset, size)
+                if record is None:
+                    resync = data.find(MAGIC, offset + 1)
+                    while resync >= 0 and _record_at(data, resync, size) is None:
+                        resync = data.find(MAGIC, resync + 1)
+                    if resync < 0:
+                        return  # a torn tail: nothing intact follows
+                    log.error("spool: segment %s: skipped %d damaged bytes at offset %d",
+                              path.name, resync - offset, offset)
+                    offset = resync
+                    continue
+                kind, env, body_offset, body_len = record
+                end = body_offset + body_len
+                yield kind, env, body_offset, body_len, end
+                offset = end
+
+
+def _record_at(data: mmap.mmap, offset: int, size: int) -> tuple[bytes, bytes, int, int] | None:
+    if offset + HEADER_SIZE > size:
+        return None
+    magic, kind, env_len, body_len, crc = _HEADER.unpack_from(data, offset)
+    if magic != MAGIC or kind not in (KIND_MESSAGE, KIND_STATE):
+        return None
+    body_offset = offset + HEADER_SIZE + env_len
+    if body_offset + body_len > size:
+        return None
+    env = data[offset + HEADER_SIZE:body_offset]
+    check = zlib.crc32(env)
+    view = memoryview(data)
+    try:
+        check = zlib.crc32(view[body_offset:body_offset + body_len], check)
+    finally:
+        view.release()
+    if check != crc:
+        return None
+    return kind, env, body_offset, body_len
 
 
 class Location(NamedTuple):

@@ -171,6 +171,25 @@ def test_torn_last_record_is_cut(tmp_path: Path, run: Callable[[Awaitable[Any]],
     check_messages(tmp_path, recovered(tmp_path), [0, 1, 3])
 
 
+@pytest.mark.parametrize("where", ["header", "body"])
+def test_damage_in_the_middle_keeps_later_records(tmp_path: Path, run: Callable[[Awaitable[Any]], Any],
+                                                  where: str) -> None:
+    """A damaged record (bad disk, not a crash) is skipped; acknowledged records after it survive."""
+    spool = Spool(tmp_path)
+    spool.recover()
+    run(append(spool, range(4)))
+    [path] = (tmp_path / "segments").glob("*.log")
+    ends = record_ends(path)
+    start = ends[0]  # the second record
+    flip = start + 1 if where == "header" else ends[1] - 10
+    data = bytearray(path.read_bytes())
+    data[flip] ^= 0xFF
+    path.write_bytes(bytes(data))
+    messages = recovered(tmp_path)
+    check_messages(tmp_path, messages, [0, 2, 3])
+    assert path.stat().st_size == ends[-1]  # nothing was cut
+
+
 @pytest.mark.parametrize("garbage", ["random", "zeros", "bad-magic", "bad-crc", "huge-length"])
 def test_garbage_after_the_last_record_is_cut(tmp_path: Path, run: Callable[[Awaitable[Any]], Any],
                                               garbage: str) -> None:
