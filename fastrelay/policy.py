@@ -153,6 +153,11 @@ class RelayDecision:
     identified_by: str = ""      # "auth", "sender" or "helo"
     verdicts: list[RuleVerdict] = field(default_factory=list)
 
+    @property
+    def null_sender(self) -> bool:
+        """MAIL FROM:<> (even when rewritten): such a message may have one recipient only."""
+        return self.original_sender == "" or (not self.sender and self.original_sender is None)
+
 
 class Directory:
     """Accounts, users and rules as loaded from the config; immutable once built."""
@@ -231,14 +236,20 @@ class Directory:
             return None
         _, user = found
         ok = False
-        for h in user.password_hashes:
+        # A user without passwords (IP-only devices) costs the same as an unknown one.
+        for h in user.password_hashes or (_DUMMY_HASH,):
             try:
-                ok = _hasher.verify(h, password)
+                ok = _hasher.verify(h, password) and h is not _DUMMY_HASH
             except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
                 continue
             if ok:
                 break
-        return user if ok and user.may_send else None
+        if ok and not user.may_send:
+            # The same 535 as a wrong password for the client; the admin sees why.
+            log.info("auth: %s gave a valid password but %s", user.address,
+                     "is suspended" if user.suspended else "has no mail licence")
+            return None
+        return user if ok else None
 
     def user_count(self) -> int:
         return len(self._users)
@@ -303,8 +314,14 @@ class RelayPolicy:
                 identified_by=identified_by,
             )
         best = max(verdicts, key=lambda v: v.step)  # max() keeps the first of equals
+        # One log line saying why every rule refused, and which one chose the reply.
+        reason = (
+            f"account {account.name!r} (identified by {identified_by}): no rule admits; "
+            f"reply from rule {best.rule.name!r} (furthest: {best.step.name}); "
+            + "; ".join(v.reason for v in verdicts)
+        )
         return RelayDecision(
-            False, self._refusal_reply(best, facts, sender), best.reason,
+            False, self._refusal_reply(best, facts, sender), reason,
             account=account, identified_by=identified_by, verdicts=verdicts,
         )
 
