@@ -6,7 +6,8 @@ paths are resolved against the directory of the config file, so a config runs
 the same whatever the working directory.
 
 Sections: [server], [[accounts]] (with [[accounts.users]], [[accounts.rules]]),
-[limits.<status>], [quota], [delivery] (with [[delivery.routes]]), [logging].
+[limits.<status>], [quota], [delivery] (with [[delivery.routes]]), [logging],
+[archive], [metrics].
 """
 
 from __future__ import annotations
@@ -183,6 +184,26 @@ class DeliveryConfig(Section):
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     file: str = ""
+    # JSON Lines event log (fastrelay/events.py); "" = off.
+    events_file: str = ""
+
+
+# --- [archive] and [metrics] (docs/archive.md, docs/operations.md) ------------------
+
+
+class ArchiveConfig(Section):
+    enabled: bool = False
+    dir: str = "var/archive"
+    retention_days: int = 365
+    # A journal copy of every archived message goes to this address ("" = none).
+    journal_address: str = ""
+    # The accounts whose mail is archived; [] = every account.
+    accounts: list[str] = msgspec.field(default_factory=list)
+
+
+class MetricsConfig(Section):
+    # Prometheus endpoint, e.g. "127.0.0.1:9154"; "" = off.
+    listen: str = ""
 
 
 class Config(Section):
@@ -192,6 +213,8 @@ class Config(Section):
     quota: QuotaConfig = msgspec.field(default_factory=QuotaConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    archive: ArchiveConfig = msgspec.field(default_factory=ArchiveConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     # Where the config was read from; relative paths are resolved against base_dir.
     source: str = ""
     base_dir: str = "."
@@ -363,6 +386,9 @@ def validate(config: Config) -> None:
             ut = f"{at}.users[{ui}]"
             if not _looks_like_address(user.address):
                 fail(f"{ut}.address", f"{user.address!r} is not an email address")
+            user_domain = user.address.rpartition("@")[2].lower()
+            if not any(user_domain == dom.lower() or user_domain.endswith("." + dom.lower()) for dom in account.domains):
+                fail(f"{ut}.address", f"{user.address!r} is not in the account's domains ({', '.join(account.domains)})")
             if user.address.lower() in seen_users:
                 fail(f"{ut}.address", f"{user.address!r} is listed twice")
             seen_users.add(user.address.lower())
@@ -419,6 +445,22 @@ def validate(config: Config) -> None:
             fail(f"delivery.routes[{i}].domain", f"{route.domain!r} is not a domain, '.domain' or '*'")
         if bool(route.username) != bool(route.password):
             fail(f"delivery.routes[{i}].password", "username and password go together")
+
+    a = config.archive
+    if a.retention_days < 1:
+        fail("archive.retention_days", "must be at least 1 (a day)")
+    if a.journal_address and not _looks_like_address(a.journal_address):
+        fail("archive.journal_address", f"{a.journal_address!r} is not an email address")
+    account_names = {account.name for account in config.accounts}
+    for i, name in enumerate(a.accounts):
+        if name not in account_names:
+            fail(f"archive.accounts[{i}]", f"no account named {name!r}")
+    if config.metrics.listen:
+        try:
+            host, _ = parse_hostport(config.metrics.listen)
+            ipaddress.ip_address(host)
+        except ValueError as exc:
+            fail("metrics.listen", f"bad listen address: {exc}")
 
 
 def _looks_like_address(value: str) -> bool:

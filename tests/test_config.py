@@ -103,6 +103,10 @@ BAD = [
      {"users.toml": '[[users]]\naddress = "bob@example.com"\npasswrds = []\n'}, "users[0].passwrds", "unknown key"),
     ("duplicate-domain", ("[delivery]", SECOND_ACCOUNT), {}, "accounts[1].domains[1]",
      "'Example.ORG' already belongs to account 'example'"),
+    ("user-outside-account-domains", ('domains = ["example.com", "example.org"]',
+                                      'domains = ["example.com", "example.org"]\nusers_file = "users.toml"'),
+     {"users.toml": '[[users]]\naddress = "bob@elsewhere.test"\n'}, "accounts[0].users[1].address",
+     "'bob@elsewhere.test' is not in the account's domains (example.com, example.org)"),
     ("bad-duration", ('max_queue_lifetime = "5d"', 'max_queue_lifetime = "5 days"'), {},
      "delivery.max_queue_lifetime", "'5 days' is not a duration (use e.g. 90s, 10m, 1h, 5d)"),
 ]
