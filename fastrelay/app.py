@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from .config import Config, load_config, parse_hostport
+from .control import ControlServer, socket_path
+from .delivery import QueueManager
 from .errors import ConfigError
 from .policy import Directory, RelayPolicy
 from .quota import QuotaBook, QuotaJournal, make_quota_book
@@ -58,6 +60,9 @@ class Relay:
         tls = server_context(config)
         policy = build_policy(config)
         self.spool = Spool(config.path(config.server.spool_dir))
+        # Bound before recovery: a second relay on the same spool stops here.
+        self.control = ControlServer(socket_path(self.spool.directory))
+        await self.control.start()
         recovered = self.spool.recover()
         self.spool.start(loop)
         log.info("spool: %d queued message(s) recovered", len(recovered))
@@ -74,6 +79,13 @@ class Relay:
         else:
             await self.quota.connect()
         self.server = SmtpServer(config, policy, self.spool, quota=self.quota, tls_context=tls)
+        # Delivery takes over the recovered messages and every new one.  Content
+        # scanning plugs in as QueueManager(..., pre_delivery=hook) (docs/delivery.md).
+        self.delivery = QueueManager(config, self.spool, self.server.queue_ids)
+        self.server.on_queued = self.delivery.on_queued
+        self.delivery.start(recovered)
+        for name, handler in self.delivery.control_handlers().items():
+            self.control.register(name, handler)
         for addr in config.server.listen:
             await self.server.listen(parse_hostport(addr), implicit_tls=False)
         for addr in config.server.listen_tls:
@@ -98,6 +110,7 @@ class Relay:
         setup_logging(config)
         self.quota.apply(config)
         self.server.apply(config, policy, self.quota)
+        self.delivery.apply(config)
         log.info("reload: config %s loaded (%d account(s), %d user(s))",
                  self.config_path, len(config.accounts), policy.directory.user_count())
 
@@ -105,7 +118,9 @@ class Relay:
         if self.stopped.is_set():
             return
         log.info("shutdown: draining connections (up to %.0fs)", self.config.server.drain_timeout)
-        await self.server.drain(self.config.server.drain_timeout)
+        await asyncio.gather(self.server.drain(self.config.server.drain_timeout),
+                             self.delivery.stop(self.config.server.drain_timeout))
+        self.control.close()
         if self.quota_journal is not None:
             await self.quota_journal.close()
         else:

@@ -19,10 +19,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from .app import build_policy
+    from .tlsutil import server_context
 
     try:
         config = load_config(args.config)
         policy = build_policy(config)
+        s = config.server
+        # Load the certificate as serve would, unless serve is to generate it
+        # (check-config writes nothing).
+        if s.tls_cert and not (s.tls_self_signed and not (
+                config.path(s.tls_cert).exists() and config.path(s.tls_key).exists())):
+            server_context(config)
     except (ConfigError, ValueError) as exc:
         print(f"fastrelay: {exc}", file=sys.stderr)
         return 2
@@ -32,8 +39,9 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from . import replies
     from .app import build_policy
-    from .policy import SessionFacts, normalize_address
+    from .policy import SessionFacts, is_valid_helo, normalize_address
 
     try:
         config = load_config(args.config)
@@ -41,11 +49,28 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"fastrelay: {exc}", file=sys.stderr)
         return 2
-    helo_refusal = policy.helo_refusal(args.helo, args.ip)
+    args.helo = args.helo.strip()
+    # The server's HELO checks, in its order: empty, syntax, then the policy's.
+    if not args.helo:
+        helo_refusal: bytes | None = replies.EMPTY_HELO
+    elif not is_valid_helo(args.helo):
+        helo_refusal = replies.BAD_HELO
+    else:
+        helo_refusal = policy.helo_refusal(args.helo, args.ip)
     print(f"client {args.ip}, HELO {args.helo}, TLS {'yes' if args.tls else 'no'}, AUTH {args.auth or '-'}")
     if helo_refusal is not None:
         print(f"HELO: refused: {helo_refusal.decode().strip()}")
         return 1
+    if args.auth:
+        # The server offers AUTH inside TLS only, to registered, licensed, not suspended users.
+        if not args.tls:
+            print(f"AUTH: refused: {replies.NEED_STARTTLS.decode().strip()}")
+            return 1
+        found = policy.directory.user(normalize_address(args.auth))
+        if found is None or not found[1].may_send:
+            print(f"AUTH: refused: {replies.AUTH_FAILED.decode().strip()}")
+            return 1
+        args.auth = found[1].address
     sender = normalize_address(args.sender) if args.sender else ""
     decision = policy.decide(SessionFacts(args.ip, args.helo, args.tls, args.auth), sender)
     if decision.account is not None:
@@ -60,8 +85,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         return 1
     if decision.original_sender is not None:
         print(f"sender rewritten to <{decision.sender}>")
-    for rcpt in args.rcpt or []:
-        print(f"RCPT TO:<{rcpt}>: 250 2.1.5 Ok (limits are checked by the running server)")
+    for i, rcpt in enumerate(args.rcpt or []):
+        if decision.null_sender and i > 0:
+            print(f"RCPT TO:<{rcpt}>: {replies.NULL_SENDER_ONE_RCPT.decode().strip()}")
+        else:
+            print(f"RCPT TO:<{rcpt}>: 250 2.1.5 Ok (limits are checked by the running server)")
     return 0
 
 
@@ -98,9 +126,38 @@ def _cmd_queue_list(args: argparse.Namespace) -> int:
         e = m.envelope
         print(f"{e.queue_id:<16} {m.state.state.value:<9} {m.body_len:>9} {int(now - e.arrival):>6}s  "
               f"<{e.sender}> -> {', '.join(e.recipients)}")
-        if m.state.next_attempt:
-            print(f"{'':<16} next attempt in {int(m.state.next_attempt - now)}s; last error: {m.state.last_error or '-'}")
+        if m.state.next_attempt or m.state.last_error:
+            when = f"next attempt in {max(0, int(m.state.next_attempt - now))}s; " if m.state.next_attempt else ""
+            print(f"{'':<16} {when}attempts: {m.state.attempts}; last error: {m.state.last_error or '-'}")
     print(f"-- {len(messages)} message(s)")
+    return 0
+
+
+def _cmd_queue_control(args: argparse.Namespace) -> int:
+    """flush / hold / release / delete: ask the running relay over its control socket."""
+    from .control import RelayNotRunning, request, socket_path
+    from .errors import FastrelayError
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"fastrelay: {exc}", file=sys.stderr)
+        return 2
+    message: dict[str, object] = {"cmd": args.queue_command}
+    if getattr(args, "queue_id", None):
+        message["queue_id"] = args.queue_id
+    try:
+        answer = request(socket_path(config.path(config.server.spool_dir)), message)
+    except RelayNotRunning as exc:
+        print(f"fastrelay: {exc}", file=sys.stderr)
+        return 1
+    except (FastrelayError, OSError, ValueError) as exc:
+        print(f"fastrelay: control socket: {exc}", file=sys.stderr)
+        return 1
+    if not answer.get("ok"):
+        print(f"fastrelay: {answer.get('error', 'failed')}", file=sys.stderr)
+        return 1
+    print(answer.get("message", "ok"))
     return 0
 
 
@@ -135,6 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     q = qsub.add_parser("list")
     q.add_argument("--config", required=True)
     q.set_defaults(func=_cmd_queue_list)
+    q = qsub.add_parser("flush", help="attempt every deferred message now (running relay)")
+    q.add_argument("--config", required=True)
+    q.set_defaults(func=_cmd_queue_control)
+    for name, text in (("hold", "put a message on hold"), ("release", "release a held message"),
+                       ("delete", "remove a message without a bounce")):
+        q = qsub.add_parser(name, help=f"{text} (running relay)")
+        q.add_argument("queue_id", metavar="QUEUEID")
+        q.add_argument("--config", required=True)
+        q.set_defaults(func=_cmd_queue_control)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -1,0 +1,740 @@
+"""The queue manager: from the spool to the next hops, retries, bounces.
+
+Postfix's design in one process (its qmgr + smtp): every live message is a
+``QueueEntry`` in memory; the spool holds its durable state.
+
+    incoming --pre_delivery--> active --+--> done        (every recipient sent or bounced)
+        |                               +--> deferred    (some recipient failed temporarily)
+        +--> hold (scanner, admin)                |
+                                                  +-- next_attempt --> active ...
+
+* **incoming**: queued by the server (or recovered in that state).  The
+  ``pre_delivery`` hook (content scanning plugs in here) sees it once, before
+  any delivery attempt, and may put it on hold.
+* **active**: an attempt runs.  The pending recipients are split per
+  ``Destination`` (routing.py); each destination has a job queue served by up
+  to ``per_destination_concurrency`` sessions (``concurrency`` in all), and a
+  session delivers job after job over one connection, so messages to one
+  destination share connections.  Connections left idle are cached for
+  ``connection_idle_time`` seconds.
+* **deferred**: some recipients failed temporarily; the next attempt is due
+  after the next ``retry_schedule`` delay (its last entry repeats).  When a
+  message has been queued longer than ``max_queue_lifetime`` its temporary
+  failures become permanent.
+* **done**: written when every recipient is sent or bounced; a DSN for the
+  bounced ones (bounce.py) is made durable in the spool *before* that record,
+  so a crash cannot lose it.  Mail from the null sender is never bounced.
+
+Every state change is a state record in the spool (``active`` records are not
+waited for: they only tell recovery that the hook already passed) and a log
+line; every recipient's outcome is a Postfix-style log line.  Progress of a
+message split over several destinations is written as each destination
+finishes (``done_recipients``), so a restart does not send to them again.
+
+At-least-once: a recipient is recorded as sent only after the next hop's 250
+to the final dot.  A crash between that 250 and the state record being on
+disk (a few milliseconds of group commit), or a lost connection after the
+dot, makes the next attempt send the message again.
+
+Config keys read: delivery.enabled, delivery.max_queue_lifetime (5d),
+delivery.retry_schedule, delivery.concurrency (50),
+delivery.per_destination_concurrency (10), delivery.connection_idle_time (5 s),
+delivery.connect_timeout, delivery.command_timeout, delivery.ca_file,
+delivery.routes, delivery.nameservers, delivery.mx_port; server.hostname.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from .bounce import FailedRecipient, build_dsn
+from .config import Config, parse_duration
+from .errors import SpoolError
+from .routing import Destination, NextHop, Router, RoutingError
+from .smtp_client import (
+    ClientSettings,
+    ConnectionCache,
+    HopError,
+    OutboundConnection,
+    Outcome,
+    RecipientResult,
+    StaleConnection,
+    bounced,
+    client_tls_context,
+    deferred,
+    dot_stuff,
+)
+from .spool import (
+    DeliveryState,
+    Envelope,
+    Location,
+    MessageState,
+    QueuedMessage,
+    QueueIdGenerator,
+    Spool,
+)
+
+log = logging.getLogger("fastrelay.delivery")
+
+# Bodies up to this size are read on the event loop (a page-cache hit costs
+# microseconds); larger ones in a thread.
+INLINE_READ = 256 * 1024
+
+
+class VerdictAction(enum.Enum):
+    DELIVER = "deliver"
+    HOLD = "hold"
+
+
+class Verdict(NamedTuple):
+    """What the pre-delivery stage decided about a message."""
+
+    action: VerdictAction
+    reason: str = ""
+
+
+DELIVER = Verdict(VerdictAction.DELIVER)
+
+# The content-scanning stage: called once per message before its first
+# delivery attempt.  HOLD puts it on hold (released with `queue release`).
+# An exception leaves the message incoming and asks again after the first
+# retry_schedule delay.
+PreDelivery = Callable[[Envelope, Location], Awaitable[Verdict]]
+
+# A control-socket command handler (control.py): request object in, answer out.
+ControlHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@dataclass(eq=False, slots=True)
+class QueueEntry:
+    """A live message as the queue manager tracks it."""
+
+    envelope: Envelope
+    location: Location
+    state: DeliveryState
+    timer: asyncio.TimerHandle | None = None
+    attempt: Attempt | None = None      # the attempt in flight
+    scanning: bool = False              # the pre_delivery hook is running
+    hold_reason: str | None = None      # hold when the current attempt or scan ends
+    delete_requested: bool = False      # remove when the current attempt ends
+
+
+@dataclass(eq=False, slots=True)
+class Attempt:
+    """One delivery attempt of one message, over one or more destinations."""
+
+    entry: QueueEntry
+    jobs_left: int
+    results: dict[int, RecipientResult] = field(default_factory=dict)
+    body: bytes | None = None        # the spooled content, read once per attempt
+    content: bytes | None = None     # dot-stuffed for DATA
+    smtputf8: bool = False           # the message needs SMTPUTF8 at the next hop
+    reading: asyncio.Future[None] | None = None
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    """The recipients of one attempt that go to one destination."""
+
+    attempt: Attempt
+    recipients: list[int]
+
+
+@dataclass(eq=False, slots=True)
+class DestinationQueue:
+    """Jobs waiting for one destination and the sessions serving them."""
+
+    destination: Destination
+    settings: ClientSettings
+    jobs: deque[Job] = field(default_factory=deque)
+    sessions: int = 0
+
+
+def format_delay(seconds: float) -> str:
+    return f"{seconds:.2f}" if seconds < 100 else f"{seconds:.0f}"
+
+
+class QueueManager:
+    """Schedules delivery attempts for every live message and records their outcome."""
+
+    def __init__(self, config: Config, spool: Spool, queue_ids: QueueIdGenerator, *,
+                 pre_delivery: PreDelivery | None = None, router: Router | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.spool = spool
+        self.queue_ids = queue_ids
+        self.pre_delivery = pre_delivery
+        self.entries: dict[str, QueueEntry] = {}
+        self.destinations: dict[str, DestinationQueue] = {}
+        self.waiting: dict[str, None] = {}    # destination keys with jobs but no session (ordered set)
+        self.sessions = 0
+        self.in_flight = 0                     # attempts running
+        self.stopping = False   # SIGTERM: no new attempts
+        self.closed = False     # after stop(): no new sessions either
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.counters = {"sent": 0, "deferred": 0, "bounced": 0, "notifications": 0}
+        self.enabled = False
+        self.connections = ConnectionCache(config.delivery.connection_idle_time)
+        self.apply(config, router)
+
+    # -- configuration ---------------------------------------------------------------
+
+    def apply(self, config: Config, router: Router | None = None) -> None:
+        """Install a (re)loaded config; queued jobs keep the settings they were queued with."""
+        d = config.delivery
+        was_enabled = self.enabled
+        self.config = config
+        self.hostname = config.server.hostname
+        self.enabled = d.enabled
+        self.lifetime = parse_duration(d.max_queue_lifetime)
+        self.retry_delays = [parse_duration(v) for v in d.retry_schedule] or [300.0]
+        self.router = router if router is not None else Router(d)
+        ca_file = str(config.path(d.ca_file)) if d.ca_file else ""
+        self.tls_contexts = {p: client_tls_context(p, ca_file)
+                             for p in ("none", "opportunistic", "required", "verify")}
+        self.connections.idle_time = d.connection_idle_time
+        if self.enabled and not was_enabled and self.entries:
+            self._resume_all()
+
+    def _settings_for(self, destination: Destination) -> ClientSettings:
+        d = self.config.delivery
+        route = destination.route
+        tls = route.tls if route is not None else "opportunistic"
+        return ClientSettings(
+            helo=self.hostname, connect_timeout=d.connect_timeout, command_timeout=d.command_timeout,
+            tls=tls, tls_context=self.tls_contexts[tls],
+            username=route.username if route is not None else "",
+            password=route.password if route is not None else "",
+        )
+
+    # -- intake ------------------------------------------------------------------------
+
+    def start(self, recovered: list[QueuedMessage]) -> None:
+        """Take over the messages recovered from the spool at start."""
+        for m in recovered:
+            entry = QueueEntry(m.envelope, Location(m.segment, m.body_offset, m.body_len), m.state)
+            self.entries[m.envelope.queue_id] = entry
+        if self.enabled and recovered:
+            self._resume_all()
+
+    def _resume_all(self) -> None:
+        counts: dict[str, int] = {}
+        for entry in list(self.entries.values()):
+            if entry.attempt is not None or entry.scanning:
+                continue
+            state = entry.state.state
+            counts[state.value] = counts.get(state.value, 0) + 1
+            if state == MessageState.INCOMING:
+                self._admit(entry)
+            elif state == MessageState.ACTIVE:
+                # It was being delivered when the relay stopped: try again now
+                # (at-least-once; see the module docstring).
+                self._activate(entry)
+            elif state == MessageState.DEFERRED:
+                self._schedule(entry, entry.state.next_attempt)
+        if counts:
+            log.info("delivery: resuming %s", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+
+    def on_queued(self, envelope: Envelope, location: Location) -> None:
+        """The server's hand-off: a message is durable in the spool."""
+        entry = QueueEntry(envelope, location, DeliveryState(envelope.queue_id, MessageState.INCOMING))
+        self.entries[envelope.queue_id] = entry
+        if self.enabled and not self.stopping:
+            self._admit(entry)
+
+    def _admit(self, entry: QueueEntry) -> None:
+        """incoming -> (pre_delivery) -> active or hold."""
+        if self.pre_delivery is None:
+            self._activate(entry)
+            return
+        entry.scanning = True
+        self._spawn(self._scan(entry, self.pre_delivery))
+
+    async def _scan(self, entry: QueueEntry, hook: PreDelivery) -> None:
+        qid = entry.envelope.queue_id
+        try:
+            verdict = await hook(entry.envelope, entry.location)
+        except Exception:
+            log.exception("%s: pre-delivery check failed; asking again in %.0fs", qid, self.retry_delays[0])
+            verdict = None
+        entry.scanning = False
+        if self.entries.get(qid) is not entry:
+            return
+        if entry.delete_requested:
+            self._remove(entry, "deleted by the administrator")
+        elif entry.hold_reason is not None:
+            self._hold(entry, entry.hold_reason)
+        elif verdict is None:
+            entry.timer = self.loop.call_later(self.retry_delays[0], self._admit, entry)
+        elif verdict.action == VerdictAction.HOLD:
+            self._hold(entry, verdict.reason or "pre-delivery check")
+        else:
+            self._activate(entry)
+
+    def _schedule(self, entry: QueueEntry, when: float) -> None:
+        if entry.timer is not None:
+            entry.timer.cancel()
+        entry.timer = self.loop.call_later(max(0.0, when - time.time()), self._due, entry)
+
+    def _due(self, entry: QueueEntry) -> None:
+        entry.timer = None
+        if self.entries.get(entry.envelope.queue_id) is entry:
+            self._activate(entry)
+
+    # -- an attempt ----------------------------------------------------------------------
+
+    def _activate(self, entry: QueueEntry) -> None:
+        """Start a delivery attempt: split the pending recipients per destination."""
+        if not self.enabled or self.stopping or entry.attempt is not None:
+            return
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+        env, state = entry.envelope, entry.state
+        done = set(state.done_recipients)
+        groups: dict[str, tuple[Destination, list[int]]] = {}
+        for i, rcpt in enumerate(env.recipients):
+            if i in done:
+                continue
+            destination = self.router.destination_for(rcpt.rpartition("@")[2])
+            group = groups.get(destination.key)
+            if group is None:
+                groups[destination.key] = (destination, [i])
+            else:
+                group[1].append(i)
+        if state.attempts or state.state != MessageState.INCOMING:
+            log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active, attempt %d)", env.queue_id, env.sender,
+                     entry.location.body_len, len(env.recipients) - len(done), state.attempts + 1)
+        entry.state = DeliveryState(env.queue_id, MessageState.ACTIVE, state.attempts, 0.0,
+                                    state.done_recipients, state.last_error)
+        self._write_state(entry.state)
+        attempt = Attempt(entry, len(groups))
+        entry.attempt = attempt
+        self.in_flight += 1
+        self._idle.clear()
+        if not groups:
+            self._finish(attempt)
+            return
+        for destination, recipients in groups.values():
+            queue = self.destinations.get(destination.key)
+            if queue is None:
+                queue = DestinationQueue(destination, self._settings_for(destination))
+                self.destinations[destination.key] = queue
+            queue.jobs.append(Job(attempt, recipients))
+            self._start_sessions(queue)
+
+    def _start_sessions(self, queue: DestinationQueue) -> None:
+        if self.closed:
+            return
+        d = self.config.delivery
+        key = queue.destination.key
+        while queue.jobs and queue.sessions < min(len(queue.jobs), d.per_destination_concurrency):
+            if self.sessions >= d.concurrency:
+                self.waiting[key] = None
+                return
+            queue.sessions += 1
+            self.sessions += 1
+            self._spawn(self._session(queue))
+        self.waiting.pop(key, None)
+
+    async def _session(self, queue: DestinationQueue) -> None:
+        """One delivery session: jobs of one destination, one after another, one connection."""
+        key = queue.destination.key
+        conn: OutboundConnection | None = None
+        try:
+            while queue.jobs:
+                job = queue.jobs.popleft()
+                try:
+                    conn = await self._deliver(queue, job, conn)
+                except Exception:
+                    log.exception("%s: delivery failed unexpectedly", job.attempt.entry.envelope.queue_id)
+                    if conn is not None:
+                        conn.abort()
+                        conn = None
+                    self._job_done(job, [deferred("internal error (see the log)", "4.3.0")] * len(job.recipients),
+                                   None)
+        finally:
+            queue.sessions -= 1
+            self.sessions -= 1
+            if conn is not None:
+                self.connections.put(key, conn)
+            if not queue.jobs and not queue.sessions and self.destinations.get(key) is queue:
+                del self.destinations[key]
+            self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        """A session slot came free: give it to a destination that waits for one."""
+        while self.waiting and self.sessions < self.config.delivery.concurrency:
+            key = next(iter(self.waiting))
+            del self.waiting[key]
+            queue = self.destinations.get(key)
+            if queue is not None:
+                self._start_sessions(queue)
+
+    async def _deliver(self, queue: DestinationQueue, job: Job, conn: OutboundConnection | None
+                       ) -> OutboundConnection | None:
+        """Run one job; returns the connection if it can carry the next one."""
+        attempt = job.attempt
+        env = attempt.entry.envelope
+        if attempt.entry.delete_requested:
+            self._job_done(job, [], None)
+            return conn
+        try:
+            await self._read_content(attempt)
+        except OSError as exc:
+            log.error("%s: cannot read the queued message: %s", env.queue_id, exc)
+            self._job_done(job, [deferred(f"cannot read the queued message: {exc}", "4.3.0")] * len(job.recipients),
+                           None)
+            return conn
+        assert attempt.content is not None
+        recipients = [env.recipients[i] for i in job.recipients]
+        key = queue.destination.key
+        while True:
+            if conn is None:
+                conn = self.connections.take(key)
+            if conn is None:
+                try:
+                    conn = await self._connect(queue)
+                except RoutingError as exc:
+                    result = (deferred(exc.text, exc.dsn) if exc.temporary else bounced(exc.text, exc.dsn))
+                    self._fail_queue(queue, job, result)
+                    return None
+                except HopError as exc:
+                    self._fail_queue(queue, job, deferred(exc.text, exc.dsn, reply=exc.reply))
+                    return None
+            try:
+                results = await conn.send(env.sender, recipients, attempt.content,
+                                          body_8bit=env.body_8bit, smtputf8=attempt.smtputf8)
+            except StaleConnection:
+                conn.abort()
+                conn = None
+                continue
+            self._job_done(job, results, conn.hop)
+            return conn if conn.usable else None
+
+    async def _connect(self, queue: DestinationQueue) -> OutboundConnection:
+        """A new connection to the best next hop that answers (RFC 5321 §5.1)."""
+        hops = await self.router.next_hops(queue.destination)
+        failure: HopError | None = None
+        for hop in hops:
+            try:
+                return await OutboundConnection.open(hop, queue.settings)
+            except HopError as exc:
+                log.info("%s", exc.text)
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    def _fail_queue(self, queue: DestinationQueue, job: Job, result: RecipientResult) -> None:
+        """No next hop for this destination: the job fails, and so do the jobs waiting behind it."""
+        self._job_done(job, [result] * len(job.recipients), None)
+        if result.outcome == Outcome.DEFERRED:
+            # As Postfix: do not knock again at a door that just failed to open.
+            result = result._replace(detail=f"delivery temporarily suspended: {result.detail}")
+        while queue.jobs:
+            waiting = queue.jobs.popleft()
+            self._job_done(waiting, [result] * len(waiting.recipients), None)
+
+    async def _read_content(self, attempt: Attempt) -> None:
+        if attempt.content is not None:
+            return
+        if attempt.reading is not None:
+            await asyncio.shield(attempt.reading)
+            return
+        location = attempt.entry.location
+        if location.body_len <= INLINE_READ:
+            self._set_content(attempt, self.spool.read_body(location))
+            return
+        attempt.reading = self.loop.create_future()
+        try:
+            body = await self.loop.run_in_executor(None, self.spool.read_body, location)
+        except OSError as exc:
+            attempt.reading.set_exception(exc)
+            attempt.reading.exception()  # retrieved: other jobs see it through shield
+            attempt.reading = None
+            raise
+        self._set_content(attempt, body)
+        attempt.reading.set_result(None)
+
+    @staticmethod
+    def _set_content(attempt: Attempt, body: bytes) -> None:
+        env = attempt.entry.envelope
+        attempt.body = body
+        attempt.content = dot_stuff(body)
+        if env.smtputf8:
+            # Only mail that really carries non-ASCII addresses or headers needs
+            # SMTPUTF8 at the next hop (RFC 6531 §3.4).
+            end = body.find(b"\r\n\r\n")
+            attempt.smtputf8 = not (env.sender.isascii() and all(r.isascii() for r in env.recipients)
+                                    and body[:end if end >= 0 else len(body)].isascii())
+
+    def _job_done(self, job: Job, results: list[RecipientResult], hop: NextHop | None) -> None:
+        attempt = job.attempt
+        entry = attempt.entry
+        env = entry.envelope
+        now = time.time()
+        relay = str(hop) if hop is not None else "none"
+        delay = format_delay(now - env.arrival)
+        for i, result in zip(job.recipients, results):
+            attempt.results[i] = result
+            self.counters[result.outcome.value] += 1
+            log.info("%s: to=<%s>, relay=%s, delay=%s, dsn=%s, status=%s (%s)", env.queue_id,
+                     env.recipients[i], relay, delay, result.dsn, result.outcome.value, result.detail)
+        attempt.jobs_left -= 1
+        if attempt.jobs_left == 0:
+            self._finish(attempt)
+        elif any(r.outcome == Outcome.SENT for r in results):
+            # Record progress now so that a restart does not send to these again.
+            # (Bounced recipients wait for the end of the attempt: their DSN first.)
+            sent = {i for i, r in attempt.results.items() if r.outcome == Outcome.SENT}
+            state = entry.state
+            entry.state = DeliveryState(env.queue_id, MessageState.ACTIVE, state.attempts, 0.0,
+                                        sorted(sent.union(state.done_recipients)), state.last_error)
+            self._write_state(entry.state)
+
+    def _finish(self, attempt: Attempt) -> None:
+        """Every job of the attempt is done: bounce, defer or remove the message."""
+        entry = attempt.entry
+        env = entry.envelope
+        attempts = entry.state.attempts + 1
+        failed: list[tuple[int, RecipientResult]] = []
+        pending: list[tuple[int, RecipientResult]] = []
+        sent: list[int] = []
+        for i, result in attempt.results.items():
+            if result.outcome == Outcome.SENT:
+                sent.append(i)
+            elif result.outcome == Outcome.BOUNCED:
+                failed.append((i, result))
+            else:
+                pending.append((i, result))
+        if pending and not entry.delete_requested and time.time() - env.arrival >= self.lifetime:
+            # RFC 5321 §4.5.4.1: give up after the queue lifetime.
+            log.info("%s: from=<%s>, status=expired, returned to sender", env.queue_id, env.sender)
+            for i, result in pending:
+                failed.append((i, result._replace(
+                    outcome=Outcome.BOUNCED, dsn="5.4.7",
+                    detail=f"message expired after {attempts} attempt(s); last error: {result.detail}")))
+            pending = []
+        if failed and env.sender and not entry.delete_requested:
+            self._spawn(self._notify_then_record(attempt, attempts, sent, failed, pending))
+            return
+        if failed and not env.sender:
+            log.info("%s: no non-delivery notification for mail from the null sender", env.queue_id)
+        self._record(attempt, attempts, sent + [i for i, _ in failed], pending)
+
+    async def _notify_then_record(self, attempt: Attempt, attempts: int, sent: list[int],
+                                  failed: list[tuple[int, RecipientResult]],
+                                  pending: list[tuple[int, RecipientResult]]) -> None:
+        """Queue a DSN for the failed recipients (durably) before recording them as done."""
+        entry = attempt.entry
+        env = entry.envelope
+        try:
+            body = attempt.body
+            if body is None:
+                body = await self.loop.run_in_executor(None, self.spool.read_body, entry.location)
+            dsn_id = self.queue_ids.next()
+            now = time.time()
+            notification = build_dsn(
+                reporting_mta=self.hostname, dsn_queue_id=dsn_id, original_queue_id=env.queue_id,
+                sender=env.sender, arrival=env.arrival, now=now, original=body,
+                failed=[FailedRecipient(env.recipients[i], r.dsn, r.detail,
+                                        str(r.reply) if r.reply is not None else "", r.remote)
+                        for i, r in sorted(failed)])
+            dsn_envelope = Envelope(
+                queue_id=dsn_id, arrival=now, client_ip="", client_helo=self.hostname, sender="",
+                recipients=[env.sender], account=env.account,
+                smtputf8=notification.utf8, body_8bit=notification.eight_bit)
+            location = await self.spool.append_message(dsn_envelope, (notification.content,))
+        except (SpoolError, OSError) as exc:
+            # Keep the failed recipients pending: the next attempt fails them again
+            # and tries the notification again.
+            log.error("%s: cannot queue the non-delivery notification: %s", env.queue_id, exc)
+            pending = pending + failed
+            failed = []
+        else:
+            self.counters["notifications"] += 1
+            log.info("%s: sender non-delivery notification: %s", env.queue_id, dsn_id)
+            log.info("%s: from=<>, size=%d, nrcpt=1 (queue active)", dsn_id, len(notification.content))
+            if location is not None:
+                self.on_queued(dsn_envelope, location)
+        self._record(attempt, attempts, sent + [i for i, _ in failed], pending)
+
+    def _record(self, attempt: Attempt, attempts: int, finished: list[int],
+                pending: list[tuple[int, RecipientResult]]) -> None:
+        """Write the attempt's outcome: done, hold or deferred."""
+        entry = attempt.entry
+        env, state = entry.envelope, entry.state
+        entry.attempt = None
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+        if entry.delete_requested:
+            self._remove(entry, "deleted by the administrator")
+            return
+        done = sorted(set(state.done_recipients).union(finished))
+        if not pending:
+            self._remove(entry, "")
+            return
+        last_error = pending[0][1].detail
+        if entry.hold_reason is not None:
+            entry.state = DeliveryState(env.queue_id, MessageState.HOLD, attempts, 0.0, done, last_error)
+            self._write_state(entry.state)
+            log.info("%s: hold: %s", env.queue_id, entry.hold_reason)
+            entry.hold_reason = None
+            return
+        delay = self.retry_delays[min(attempts - 1, len(self.retry_delays) - 1)]
+        next_attempt = time.time() + delay
+        entry.state = DeliveryState(env.queue_id, MessageState.DEFERRED, attempts, next_attempt, done, last_error)
+        self._write_state(entry.state)
+        log.info("%s: deferred: %d recipient(s) pending after attempt %d; next attempt in %s s",
+                 env.queue_id, len(pending), attempts, format_delay(delay))
+        if not self.stopping:
+            self._schedule(entry, next_attempt)
+
+    # -- state changes ------------------------------------------------------------------
+
+    def _remove(self, entry: QueueEntry, why: str) -> None:
+        env = entry.envelope
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+        entry.state = DeliveryState(env.queue_id, MessageState.DONE, entry.state.attempts, 0.0,
+                                    entry.state.done_recipients, entry.state.last_error)
+        self._write_state(entry.state)
+        self.entries.pop(env.queue_id, None)
+        log.info("%s: removed%s", env.queue_id, f" ({why})" if why else "")
+
+    def _hold(self, entry: QueueEntry, reason: str) -> None:
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+        entry.hold_reason = None
+        s = entry.state
+        entry.state = DeliveryState(s.queue_id, MessageState.HOLD, s.attempts, 0.0, s.done_recipients, s.last_error)
+        self._write_state(entry.state)
+        log.info("%s: hold: %s", s.queue_id, reason)
+
+    def _write_state(self, state: DeliveryState) -> None:
+        try:
+            fut = self.spool.append_state(state)
+        except RuntimeError as exc:  # the spool is closed
+            log.error("%s: state %s not written: %s", state.queue_id, state.state.value, exc)
+            return
+        fut.add_done_callback(_log_write_failure(state))
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- administration (the control socket) ----------------------------------------------
+
+    def flush(self) -> int:
+        """Attempt every deferred message now; returns how many."""
+        count = 0
+        for entry in list(self.entries.values()):
+            if entry.attempt is None and entry.state.state == MessageState.DEFERRED:
+                self._activate(entry)
+                count += 1
+        return count
+
+    def hold(self, queue_id: str) -> str:
+        entry = self._entry(queue_id)
+        if entry.state.state == MessageState.HOLD:
+            return f"{queue_id}: already on hold"
+        if entry.attempt is not None or entry.scanning:
+            entry.hold_reason = "by the administrator"
+            return f"{queue_id}: will be held when its current delivery attempt ends"
+        self._hold(entry, "by the administrator")
+        return f"{queue_id}: on hold"
+
+    def release(self, queue_id: str) -> str:
+        entry = self._entry(queue_id)
+        if entry.state.state != MessageState.HOLD:
+            if entry.hold_reason is not None:
+                entry.hold_reason = None
+                return f"{queue_id}: hold cancelled"
+            raise LookupError(f"{queue_id} is not on hold")
+        s = entry.state
+        entry.state = DeliveryState(s.queue_id, MessageState.DEFERRED, s.attempts, time.time(),
+                                    s.done_recipients, s.last_error)
+        self._write_state(entry.state)
+        log.info("%s: released from hold", queue_id)
+        self._activate(entry)
+        return f"{queue_id}: released"
+
+    def delete(self, queue_id: str) -> str:
+        entry = self._entry(queue_id)
+        if entry.attempt is not None or entry.scanning:
+            entry.delete_requested = True
+            return f"{queue_id}: will be removed when its current delivery attempt ends"
+        self._remove(entry, "deleted by the administrator")
+        return f"{queue_id}: removed"
+
+    def _entry(self, queue_id: str) -> QueueEntry:
+        entry = self.entries.get(queue_id)
+        if entry is None:
+            raise LookupError(f"no message {queue_id} in the queue")
+        return entry
+
+    def control_handlers(self) -> dict[str, ControlHandler]:
+        """The queue commands of the control socket (control.py)."""
+
+        async def flush(request: dict[str, Any]) -> dict[str, Any]:
+            if not self.enabled:
+                return {"ok": False, "error": "delivery is disabled ([delivery] enabled = false)"}
+            n = self.flush()
+            return {"ok": True, "message": f"{n} deferred message(s) scheduled for delivery now", "count": n}
+
+        def by_id(action: Callable[[str], str]) -> ControlHandler:
+            async def handler(request: dict[str, Any]) -> dict[str, Any]:
+                queue_id = request.get("queue_id")
+                if not isinstance(queue_id, str) or not queue_id:
+                    return {"ok": False, "error": "queue_id missing"}
+                try:
+                    return {"ok": True, "message": action(queue_id)}
+                except LookupError as exc:
+                    return {"ok": False, "error": str(exc.args[0])}
+            return handler
+
+        return {"flush": flush, "hold": by_id(self.hold), "release": by_id(self.release),
+                "delete": by_id(self.delete)}
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    async def stop(self, timeout: float) -> None:
+        """Let running attempts finish (up to ``timeout``), then stop; the rest resumes at restart."""
+        self.stopping = True
+        for entry in self.entries.values():
+            if entry.timer is not None:
+                entry.timer.cancel()
+                entry.timer = None
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.warning("shutdown: %d delivery attempt(s) interrupted; they resume at the next start",
+                        self.in_flight)
+        self.closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.connections.close_all()
+
+
+def _log_write_failure(state: DeliveryState) -> Callable[[asyncio.Future[Location | None]], None]:
+    def check(fut: asyncio.Future[Location | None]) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.error("%s: state %s not written: %s", state.queue_id, state.state.value, exc)
+    return check

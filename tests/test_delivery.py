@@ -1,0 +1,631 @@
+"""Delivery: the queue drains to real next hops over loopback.
+
+Every test runs a real fastrelay process, a real DNS server for the test's
+zone (tests/dns_server.py) and aiosmtpd sinks as next hops (tests/sink.py).
+Every MX and A record points to a 127.0.0.x address; all MX hosts of a test
+listen on the same port (``[delivery] mx_port``), told apart by address.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Certs, RelayProcess, free_port
+from dns_server import TestDns
+from sink import Sink
+
+from fastrelay.spool import MessageState, Spool
+
+SENDER = "alice@example.com"
+HELO = "mail.example.com"
+
+DELIVERY = """
+[delivery]
+nameservers = ["{dns}"]
+mx_port = {mx_port}
+retry_schedule = {retry}
+max_queue_lifetime = "{lifetime}"
+connect_timeout = 2
+command_timeout = {command_timeout}
+connection_idle_time = 3
+per_destination_concurrency = {per_destination}
+"""
+
+
+class World:
+    """One test's DNS zone, sinks and relay."""
+
+    def __init__(self, factory: Callable[..., RelayProcess], dns: TestDns) -> None:
+        self.factory = factory
+        self.dns = dns
+        self.zone = dns.zone
+        self.mx_port = free_port()
+        self.sinks: list[Sink] = []
+        self.relay: RelayProcess | None = None
+        # The sender's own domain has an MX too, so that DSNs have somewhere to go.
+        self.zone.mx("example.com", (10, "mx.example.com"))
+        self.zone.a("mx.example.com", "127.0.0.9")
+
+    def sink(self, host: str, port: int | None = None, **behaviour: Any) -> Sink:
+        sink = Sink(host, port or self.mx_port, **behaviour).start()
+        self.sinks.append(sink)
+        return sink
+
+    def sender_sink(self, **behaviour: Any) -> Sink:
+        """Where DSNs to alice@example.com arrive."""
+        return self.sink("127.0.0.9", **behaviour)
+
+    def start(self, *, retry: str = '["1s", "1s", "2s"]', lifetime: str = "5d", command_timeout: float = 5,
+              per_destination: int = 10, routes: str = "", extra: str = "") -> RelayProcess:
+        config = DELIVERY.format(dns=self.dns.address, mx_port=self.mx_port, retry=retry, lifetime=lifetime,
+                                 command_timeout=command_timeout, per_destination=per_destination)
+        self.relay = self.factory(extra=config + extra + routes)
+        return self.relay
+
+    def close(self) -> None:
+        # The relay first: it QUITs its cached connections before the sinks go.
+        if self.relay is not None and self.relay.proc is not None and self.relay.proc.poll() is None:
+            self.relay.stop()
+        for sink in self.sinks:
+            sink.stop()
+
+
+@pytest.fixture
+def world(relay_factory: Callable[..., RelayProcess]) -> Iterator[World]:
+    dns = TestDns().start()
+    w = World(relay_factory, dns)
+    yield w
+    w.close()
+    dns.stop()
+
+
+def send(relay: RelayProcess, recipients: list[str], body: bytes | None = None, sender: str = SENDER,
+         subject: str = "delivery test", mail_options: tuple[str, ...] = ()) -> str:
+    """Send one message through the relay; return its queue id."""
+    if body is None:
+        body = (f"From: {sender}\r\nTo: {', '.join(recipients)}\r\nSubject: {subject}\r\n"
+                f"Message-ID: <{time.time_ns()}@example.com>\r\n\r\nHello.\r\n").encode()
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname=HELO, timeout=15) as client:
+        client.ehlo()
+        client.mail(sender, list(mail_options))
+        for rcpt in recipients:
+            code, text = client.rcpt(rcpt)
+            assert code == 250, text
+        code, text = client.data(body)
+        assert code == 250, text
+    return text.decode().rsplit(" ", 1)[-1]
+
+
+def queue_states(relay: RelayProcess) -> dict[str, Any]:
+    """queue id -> DeliveryState of the live messages, read from the spool on disk."""
+    return {m.envelope.queue_id: m.state for m in Spool(relay.spool_dir).scan()}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_drained(relay: RelayProcess, timeout: float = 10.0) -> None:
+    wait_until(lambda: not queue_states(relay), timeout, f"an empty queue; log:\n{relay.log()[-3000:]}")
+
+
+def parse(content: bytes) -> Message:
+    return email.message_from_bytes(content, policy=email.policy.compat32)
+
+
+def dsn_parts(content: bytes) -> tuple[str, list[Message], str]:
+    """(human text, delivery-status blocks, returned headers) of a DSN."""
+    msg = parse(content)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    text_part, status_part, headers_part = msg.get_payload()
+    assert text_part.get_content_type() == "text/plain"
+    # RFC 6533 types when addresses or headers are not ASCII.
+    assert status_part.get_content_type() in ("message/delivery-status", "message/global-delivery-status")
+    assert headers_part.get_content_type() in ("text/rfc822-headers", "message/global-headers")
+    blocks = status_part.get_payload()
+    return text_part.get_payload(), blocks, headers_part.get_payload()
+
+
+def cli(relay: RelayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastrelay", "queue", *args, "--config", str(relay.config_path)],
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+# --- routing ------------------------------------------------------------------------
+
+
+def test_mx_preference_order_and_fallback_when_the_best_host_refuses(world: World) -> None:
+    world.zone.mx("dest.test", (30, "mx3.dest.test"), (10, "mx1.dest.test"), (20, "mx2.dest.test"))
+    world.zone.a("mx1.dest.test", "127.0.0.2")   # nothing listens there: connection refused
+    world.zone.a("mx2.dest.test", "127.0.0.3")
+    world.zone.a("mx3.dest.test", "127.0.0.4")
+    second = world.sink("127.0.0.3")
+    third = world.sink("127.0.0.4")
+    relay = world.start()
+    qid = send(relay, ["bob@dest.test"])
+    [message] = second.wait(1)
+    assert message.rcpt_tos == ["bob@dest.test"]
+    assert message.mail_from == SENDER
+    assert message.helo == "relay.example.test"
+    log = relay.wait_log(f"{qid}: removed")
+    assert f"connect to mx1.dest.test[127.0.0.2]:{world.mx_port}: Connection refused" in log
+    assert (f"{qid}: to=<bob@dest.test>, relay=mx2.dest.test[127.0.0.3]:{world.mx_port}, delay=" in log)
+    assert "dsn=2.0.0, status=sent (250 2.0.0 OK: queued)" in log
+    assert third.messages == []
+    wait_drained(relay)
+
+
+def test_routes_override_dns_first_match_wins(world: World) -> None:
+    # DNS says dest.test goes to 127.0.0.2; the routes say otherwise.
+    world.zone.mx("dest.test", (10, "mx.dest.test"))
+    world.zone.a("mx.dest.test", "127.0.0.2")
+    by_dns = world.sink("127.0.0.2")
+    exact = world.sink("127.0.0.5", free_port())
+    subdomains = world.sink("127.0.0.6", free_port())
+    everything = world.sink("127.0.0.7", free_port())
+    routes = f"""
+[[delivery.routes]]
+domain = "dest.test"
+host = "127.0.0.5:{exact.port}"
+[[delivery.routes]]
+domain = ".dest.test"
+host = "127.0.0.6:{subdomains.port}"
+[[delivery.routes]]
+domain = "*"
+host = "127.0.0.7:{everything.port}"
+"""
+    relay = world.start(routes=routes)
+    send(relay, ["a@dest.test", "b@sub.dest.test", "c@elsewhere.test"])
+    assert [m.rcpt_tos for m in exact.wait(1)] == [["a@dest.test"]]
+    assert [m.rcpt_tos for m in subdomains.wait(1)] == [["b@sub.dest.test"]]
+    assert [m.rcpt_tos for m in everything.wait(1)] == [["c@elsewhere.test"]]
+    wait_drained(relay)
+    assert by_dns.messages == []
+
+
+def test_one_message_is_split_per_destination_one_transaction_each(world: World) -> None:
+    world.zone.mx("one.test", (10, "mx.one.test"))
+    world.zone.a("mx.one.test", "127.0.0.2")
+    world.zone.a("two.test", "127.0.0.3")       # no MX: the domain itself (RFC 5321 §5.1)
+    one = world.sink("127.0.0.2")
+    two = world.sink("127.0.0.3")
+    relay = world.start()
+    qid = send(relay, ["a1@one.test", "b1@two.test", "a2@one.test"])
+    [m1] = one.wait(1)
+    [m2] = two.wait(1)
+    assert m1.rcpt_tos == ["a1@one.test", "a2@one.test"]
+    assert m2.rcpt_tos == ["b1@two.test"]
+    assert m1.content == m2.content
+    log = relay.wait_log(f"{qid}: removed")
+    assert log.count(f"{qid}: to=<") == 3
+
+
+def test_too_many_recipients_452_sends_the_rest_in_another_transaction(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    # Without PIPELINING: one command at a time, RSET before the next transaction.
+    sink = world.sink("127.0.0.2", rcpt_limit=2, pipelining=False)
+    relay = world.start()
+    qid = send(relay, [f"r{i}@dest.test" for i in range(5)])
+    messages = sink.wait(3)
+    assert [m.rcpt_tos for m in messages] == [["r0@dest.test", "r1@dest.test"], ["r2@dest.test", "r3@dest.test"],
+                                              ["r4@dest.test"]]
+    assert len({m.peer for m in messages}) == 1   # the same connection
+    relay.wait_log(f"{qid}: removed")
+    assert "status=deferred" not in relay.log()
+
+
+def test_null_mx_and_nxdomain_bounce_at_once_servfail_defers(world: World) -> None:
+    world.zone.null_mx("nomail.test")
+    world.zone.servfail("broken.test")
+    sender_sink = world.sender_sink()
+    relay = world.start(retry='["1h"]')
+    qid = send(relay, ["x@nomail.test", "y@nowhere.test", "z@broken.test"])
+    [dsn] = sender_sink.wait(1)
+    assert dsn.mail_from == "" and dsn.rcpt_tos == [SENDER]
+    _, blocks, headers = dsn_parts(dsn.content)
+    per_rcpt = {b["Final-Recipient"]: b for b in blocks[1:]}
+    assert set(per_rcpt) == {"rfc822; x@nomail.test", "rfc822; y@nowhere.test"}
+    assert per_rcpt["rfc822; x@nomail.test"]["Status"] == "5.1.10"
+    assert per_rcpt["rfc822; y@nowhere.test"]["Status"] == "5.1.2"
+    assert all(b["Action"] == "failed" for b in per_rcpt.values())
+    assert "Subject: delivery test" in headers
+    log = relay.wait_log(f"{qid}: deferred")
+    assert f"{qid}: to=<z@broken.test>, relay=none" in log
+    assert "dsn=4.4.3, status=deferred (Host or domain name not found" in log
+    state = queue_states(relay)[qid]
+    assert state.state == MessageState.DEFERRED
+    assert sorted(state.done_recipients) == [0, 1]
+    assert "try again" in state.last_error
+
+
+# --- retries, bounces, timeouts --------------------------------------------------------
+
+
+def test_temporary_failure_is_retried_until_accepted(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    sink = world.sink("127.0.0.2", data_replies=["451 4.3.0 Try again later"])
+    relay = world.start()
+    qid = send(relay, ["bob@dest.test"])
+    [message] = sink.wait(1)
+    log = relay.wait_log(f"{qid}: removed")
+    assert ("dsn=4.3.0, status=deferred (host dest.test[127.0.0.2] said: 451 4.3.0 Try again later "
+            "(in reply to end of DATA command))") in log
+    assert f"{qid}: deferred: 1 recipient(s) pending after attempt 1" in log
+    assert "(queue active, attempt 2)" in log
+    assert log.index("status=deferred") < log.index("status=sent")
+    assert message.rcpt_tos == ["bob@dest.test"]
+
+
+def test_permanent_failure_returns_a_dsn_with_the_original_headers(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    sink = world.sink("127.0.0.2", rcpt_reply_for={"nobody@dest.test": "550 5.1.1 <nobody@dest.test>: no such user"})
+    sender_sink = world.sender_sink()
+    relay = world.start()
+    qid = send(relay, ["nobody@dest.test", "bob@dest.test"], subject="quarterly report")
+    [delivered] = sink.wait(1)
+    assert delivered.rcpt_tos == ["bob@dest.test"]
+    [dsn] = sender_sink.wait(1)
+    assert dsn.mail_from == "" and dsn.rcpt_tos == [SENDER]
+    msg = parse(dsn.content)
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg["From"].startswith("MAILER-DAEMON@relay.example.test")
+    text, blocks, headers = dsn_parts(dsn.content)
+    assert "<nobody@dest.test>: host dest.test[127.0.0.2] said: 550 5.1.1" in text
+    assert blocks[0]["Reporting-MTA"] == "dns; relay.example.test"
+    assert blocks[0]["Arrival-Date"]
+    [rcpt] = blocks[1:]
+    assert rcpt["Final-Recipient"] == "rfc822; nobody@dest.test"
+    assert rcpt["Action"] == "failed"
+    assert rcpt["Status"] == "5.1.1"
+    assert rcpt["Remote-MTA"] == "dns; dest.test"
+    assert rcpt["Diagnostic-Code"] == "smtp; 550 5.1.1 <nobody@dest.test>: no such user"
+    assert "Subject: quarterly report" in headers
+    assert f"by relay.example.test (fastrelay) with ESMTP id {qid}" in headers
+    log = relay.wait_log(f"{qid}: removed")
+    assert f"{qid}: to=<nobody@dest.test>, relay=dest.test[127.0.0.2]:{world.mx_port}" in log
+    assert "dsn=5.1.1, status=bounced" in log
+    assert f"{qid}: sender non-delivery notification: " in log
+    wait_drained(relay)
+
+
+def test_mail_from_the_null_sender_is_never_bounced(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    world.sink("127.0.0.2", rcpt_replies=["550 5.1.1 no such user"])
+    sender_sink = world.sender_sink()
+    relay = world.start()
+    qid = send(relay, ["nobody@dest.test"], sender="")
+    log = relay.wait_log(f"{qid}: removed")
+    assert "status=bounced" in log
+    assert f"{qid}: no non-delivery notification for mail from the null sender" in log
+    time.sleep(0.3)
+    assert sender_sink.messages == []
+    wait_drained(relay)
+
+
+def test_connection_refused_defers_and_expiry_bounces(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")       # nothing listens
+    sender_sink = world.sender_sink()
+    relay = world.start(lifetime="2s")
+    qid = send(relay, ["bob@dest.test"])
+    log = relay.wait_log(f"{qid}: deferred")
+    assert (f"{qid}: to=<bob@dest.test>, relay=none, delay=") in log
+    assert f"dsn=4.4.1, status=deferred (connect to dest.test[127.0.0.2]:{world.mx_port}: Connection refused)" in log
+    [dsn] = sender_sink.wait(1, timeout=15)
+    _, blocks, _ = dsn_parts(dsn.content)
+    assert blocks[1]["Status"] == "5.4.7"
+    assert "Connection refused" in blocks[1]["Diagnostic-Code"]
+    log = relay.wait_log(f"{qid}: removed")
+    assert f"{qid}: from=<{SENDER}>, status=expired, returned to sender" in log
+
+
+def test_a_next_hop_that_stalls_times_out_and_the_message_is_deferred(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    world.sink("127.0.0.2", stall=5)
+    relay = world.start(command_timeout=1, retry='["1h"]')
+    qid = send(relay, ["bob@dest.test"])
+    log = relay.wait_log(f"{qid}: deferred", timeout=15)
+    assert ("dsn=4.4.2, status=deferred (conversation with dest.test[127.0.0.2] timed out while "
+            "sending end of data -- message may be sent more than once)") in log
+    [state] = queue_states(relay).values()
+    assert state.state == MessageState.DEFERRED
+    assert state.attempts == 1
+    assert state.next_attempt > time.time() + 3000
+
+
+def test_a_message_that_needs_smtputf8_bounces_at_a_hop_without_it(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    sink = world.sink("127.0.0.2", smtputf8=False)
+    sender_sink = world.sender_sink()
+    relay = world.start()
+    body = "From: alice@example.com\r\nSubject: café\r\n\r\nnaïve\r\n".encode()
+    qid = send(relay, ["bob@dest.test"], body=body, mail_options=("SMTPUTF8", "BODY=8BITMIME"))
+    [dsn] = sender_sink.wait(1)
+    _, blocks, _ = dsn_parts(dsn.content)
+    assert blocks[1]["Status"] == "5.6.7"
+    assert "does not support SMTPUTF8" in relay.wait_log(f"{qid}: removed")
+    assert sink.messages == []
+
+
+# --- restart ------------------------------------------------------------------------------
+
+
+def test_deferred_mail_survives_a_restart_and_keeps_its_schedule(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    relay = world.start(retry='["3s"]')
+    qid = send(relay, ["bob@dest.test"])
+    relay.wait_log(f"{qid}: deferred")
+    [before] = queue_states(relay).values()
+    assert before.state == MessageState.DEFERRED and "Connection refused" in before.last_error
+    assert relay.stop() == 0
+    [after_stop] = queue_states(relay).values()
+    assert after_stop.next_attempt == before.next_attempt
+    sink = world.sink("127.0.0.2")
+    relay.start()
+    [message] = sink.wait(1, timeout=15)
+    assert time.time() >= before.next_attempt - 0.1   # not earlier than scheduled
+    assert message.rcpt_tos == ["bob@dest.test"]
+    relay.wait_log(f"{qid}: removed")
+    assert "delivery: resuming 1 deferred" in relay.log()
+    wait_drained(relay)
+
+
+def test_a_message_active_at_a_crash_is_delivered_again_after_restart(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    sink = world.sink("127.0.0.2", stall=1.5)   # the final dot is answered late
+    relay = world.start()
+    qid = send(relay, ["bob@dest.test"])
+    wait_until(lambda: sink.data_started == 1, what="the relay to send the final dot")
+    wait_until(lambda: queue_states(relay).get(qid) is not None
+               and queue_states(relay)[qid].state == MessageState.ACTIVE, what="an active state record")
+    relay.kill()   # before the next hop's 250 arrives
+    relay.start()
+    log = relay.wait_log(f"{qid}: removed", timeout=15)
+    assert "delivery: resuming 1 active" in log
+    assert f"{qid}: from=<{SENDER}>, size=" in log and "(queue active, attempt 1)" in log
+    # The killed transaction never completed (aiosmtpd drops it with the
+    # connection); the one after the restart did.
+    [message] = sink.wait(1)
+    assert message.rcpt_tos == ["bob@dest.test"]
+    assert sink.data_started == 2
+    wait_drained(relay)
+
+
+# --- connections ---------------------------------------------------------------------------
+
+
+def test_messages_to_one_destination_share_a_connection(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    sink = world.sink("127.0.0.2")
+    relay = world.start(per_destination=1)
+    for i in range(5):
+        send(relay, [f"r{i}@dest.test"])
+    messages = sink.wait(5)
+    assert sorted(r for m in messages for r in m.rcpt_tos) == [f"r{i}@dest.test" for i in range(5)]
+    assert len({m.peer for m in messages}) == 1, [m.peer for m in messages]
+    wait_drained(relay)
+
+
+def test_a_cached_connection_the_next_hop_closed_is_replaced_without_a_deferral(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    sink = world.sink("127.0.0.2", idle_timeout=0.5)   # closes idle sessions long before the relay would
+    relay = world.start(per_destination=1)
+    send(relay, ["first@dest.test"])
+    [first] = sink.wait(1)
+    time.sleep(1.5)
+    qid = send(relay, ["second@dest.test"])
+    second = sink.wait(2)[1]
+    assert second.rcpt_tos == ["second@dest.test"] and second.peer != first.peer
+    relay.wait_log(f"{qid}: removed")
+    assert "status=deferred" not in relay.log()
+
+
+def test_starttls_verified_with_auth_and_required_tls_without_starttls_defers(world: World, certs: Certs) -> None:
+    import ssl
+
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(certs.cert, certs.key)
+    secure = world.sink("127.0.0.1", free_port(), tls_context=server_ctx, credentials=("relayuser", "s3cret"))
+    plain = world.sink("127.0.0.8", free_port())
+    routes = f"""
+[[delivery.routes]]
+domain = "secure.test"
+host = "127.0.0.1:{secure.port}"
+tls = "verify"
+username = "relayuser"
+password = "s3cret"
+[[delivery.routes]]
+domain = "plain.test"
+host = "127.0.0.8:{plain.port}"
+tls = "required"
+"""
+    relay = world.start(routes=routes, retry='["1h"]', extra=f'ca_file = "{certs.ca_file}"\n')
+    qid = send(relay, ["a@secure.test", "b@plain.test"])
+    [message] = secure.wait(1)
+    assert message.tls and message.auth_user == "relayuser"
+    assert message.rcpt_tos == ["a@secure.test"]
+    log = relay.wait_log(f"{qid}: deferred")
+    assert f"{qid}: to=<a@secure.test>, relay=127.0.0.1[127.0.0.1]:{secure.port}" in log
+    assert "dsn=4.7.4, status=deferred (TLS is required, but was not offered by host 127.0.0.8" in log
+    assert plain.messages == []
+    [state] = queue_states(relay).values()
+    assert state.done_recipients == [0]
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+def test_end_to_end_the_next_hop_gets_the_message_byte_for_byte(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    sink = world.sink("127.0.0.2")
+    relay = world.start()
+    original = (b"From: Alice <alice@example.com>\r\nTo: bob@dest.test\r\nSubject: dots and 8 bits\r\n"
+                b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+                b".a line that starts with a dot\r\n..two dots\r\n.\r\nnot the end\r\n"
+                + "caf\u00e9 \u2014 8-bit\r\n".encode() + b"x" * 990 + b"\r\nlast line\r\n")
+    qid = send(relay, ["bob@dest.test"], body=original, mail_options=("BODY=8BITMIME",))
+    [message] = sink.wait(1)
+    received, sep, rest = message.content.partition(b"\r\n" + original[:5])
+    assert received.startswith(b"Received: from " + HELO.encode())
+    assert f"id {qid}".encode() in received
+    assert sep + rest == b"\r\n" + original
+    assert "BODY=8BITMIME" in message.mail_options
+    assert any(o.startswith("SIZE=") for o in message.mail_options)
+    wait_drained(relay)
+
+
+# --- administration ------------------------------------------------------------------------------
+
+
+def test_cli_hold_release_delete_flush_on_the_running_relay(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    relay = world.start(retry='["1h"]')
+    first = send(relay, ["one@dest.test"])
+    second = send(relay, ["two@dest.test"])
+    relay.wait_log(f"{first}: deferred")
+    relay.wait_log(f"{second}: deferred")
+
+    held = cli(relay, "hold", first)
+    assert held.returncode == 0 and f"{first}: on hold" in held.stdout
+    assert queue_states(relay)[first].state == MessageState.HOLD
+    listing = cli(relay, "list")
+    assert re.search(rf"^{first} +hold ", listing.stdout, re.MULTILINE), listing.stdout
+
+    sink = world.sink("127.0.0.2")
+    flushed = cli(relay, "flush")
+    assert flushed.returncode == 0 and "1 deferred message(s)" in flushed.stdout
+    [message] = sink.wait(1)
+    assert message.rcpt_tos == ["two@dest.test"]   # the held one stays
+    relay.wait_log(f"{second}: removed")
+    assert list(queue_states(relay)) == [first]
+
+    released = cli(relay, "release", first)
+    assert released.returncode == 0, released.stderr
+    sink.wait(2)
+    relay.wait_log(f"{first}: removed")
+
+    third = send(relay, ["three@dest.test"], body=None)
+    relay.wait_log(f"{third}: removed")  # delivered at once: the sink is up now
+    fourth_sink_count = len(sink.messages)
+    sink.behaviour.data_replies.extend(["451 4.3.0 later"])
+    fourth = send(relay, ["four@dest.test"])
+    relay.wait_log(f"{fourth}: deferred")
+    deleted = cli(relay, "delete", fourth)
+    assert deleted.returncode == 0 and f"{fourth}: removed" in deleted.stdout
+    assert queue_states(relay) == {}
+    assert len(sink.messages) == fourth_sink_count
+    assert "deleted by the administrator" in relay.log()
+
+    unknown = cli(relay, "hold", "NOSUCHID")
+    assert unknown.returncode == 1 and "no message NOSUCHID" in unknown.stderr
+    relay.stop()
+    down = cli(relay, "flush")
+    assert down.returncode == 1 and "not running" in down.stderr
+
+
+def test_control_socket_is_private_and_guards_the_spool(world: World) -> None:
+    relay = world.start()
+    sock = relay.spool_dir / "control.sock"
+    assert sock.stat().st_mode & 0o777 == 0o600
+    # A second relay on the same spool stops before touching it.
+    second = subprocess.run([sys.executable, "-m", "fastrelay", "serve", "--config", str(relay.config_path)],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert second.returncode == 1
+    assert "another fastrelay is running on this spool" in second.stderr
+    assert relay.proc is not None and relay.proc.poll() is None
+    relay.stop()
+    assert not sock.exists()
+
+
+# --- the pre-delivery stage (in process: the hook is a Python callable) --------------------------
+
+
+def test_pre_delivery_hook_holds_a_message_before_any_attempt(tmp_path: Path) -> None:
+    """The content-scanning stage: HOLD keeps the message from every next hop until released.
+
+    The hook is Python code, so this test drives a QueueManager in process,
+    with a real spool on disk, a real DNS server and a real sink.
+    """
+    import asyncio
+
+    from fastrelay.config import Config, DeliveryConfig, ServerConfig
+    from fastrelay.delivery import DELIVER, QueueManager, Verdict, VerdictAction
+    from fastrelay.spool import Envelope, Location, QueueIdGenerator
+
+    dns = TestDns().start()
+    dns.zone.a("dest.test", "127.0.0.2")
+    port = free_port()
+    sink = Sink("127.0.0.2", port).start()
+    config = Config(server=ServerConfig(hostname="relay.example.test"),
+                    delivery=DeliveryConfig(nameservers=[dns.address], mx_port=port, retry_schedule=["1s"]))
+    spool = Spool(tmp_path / "spool")
+    spool.recover()
+    scanned: list[str] = []
+
+    async def scanner(envelope: Envelope, location: Location) -> Verdict:
+        scanned.append(envelope.queue_id)
+        body = spool.read_body(location)
+        if b"flaky" in body and scanned.count(envelope.queue_id) == 1:
+            raise RuntimeError("scanner unavailable")   # asked again after retry_schedule[0]
+        if b"Subject: spam" in body:
+            return Verdict(VerdictAction.HOLD, "spam score 12.5")
+        return DELIVER
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        for _ in range(200):
+            if predicate():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("timed out")
+
+    def on_disk(qid: str) -> MessageState | None:
+        states = {m.envelope.queue_id: m.state.state for m in Spool(tmp_path / "spool").scan()}
+        return states.get(qid)
+
+    async def scenario() -> None:
+        spool.start(asyncio.get_running_loop())
+        ids = QueueIdGenerator()
+        manager = QueueManager(config, spool, ids, pre_delivery=scanner)
+        manager.start([])
+
+        async def queue(subject: str) -> str:
+            qid = ids.next()
+            envelope = Envelope(qid, time.time(), "127.0.0.1", "mail.example.com", SENDER, ["bob@dest.test"])
+            location = await spool.append_message(envelope, (f"Subject: {subject}\r\n\r\nbody\r\n".encode(),))
+            assert location is not None
+            manager.on_queued(envelope, location)
+            return qid
+
+        spam, ham, flaky = await queue("spam"), await queue("ham"), await queue("flaky")
+        await until(lambda: len(sink.messages) == 2 and on_disk(spam) == MessageState.HOLD)
+        assert sorted(m.content.split(b"\r\n")[0] for m in sink.messages) == [b"Subject: flaky", b"Subject: ham"]
+        assert scanned.count(flaky) == 2 and scanned.count(ham) == 1
+        assert manager.release(spam) == f"{spam}: released"
+        await until(lambda: len(sink.messages) == 3 and on_disk(spam) is None)
+        assert scanned.count(spam) == 1     # a released message is not scanned again
+        await manager.stop(5)
+        spool.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        sink.stop()
+        dns.stop()
+    assert sink.messages[-1].content.startswith(b"Subject: spam")
