@@ -401,15 +401,29 @@ class Spool:
         return None
 
     def _writev_all(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        total = sum(map(len, parts))
+        if len(parts) <= 1024:  # IOV_MAX on Linux
+            n = os.writev(self._fd, parts)
+            self._offset += n
+            if n == total:
+                return
+        else:
+            n = 0
+        # A partial write (or more parts than one call takes): go on from where it stopped.
         views = [memoryview(p) for p in parts if len(p)]
         i = 0
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
         while i < len(views):
-            n = os.writev(self._fd, views[i:i + 1024])  # IOV_MAX is 1024 on Linux
+            n = os.writev(self._fd, views[i:i + 1024])
             self._offset += n
             while i < len(views) and n >= len(views[i]):
                 n -= len(views[i])
                 i += 1
-            if n:  # a partial write ended inside views[i]
+            if n:
                 views[i] = views[i][n:]
 
     def _open_segment(self, number: int) -> None:
@@ -451,13 +465,13 @@ class Spool:
 
 
 class QueueIdGenerator:
-    """Postfix-style long queue ids: time-ordered, unique across restarts.
+    """Postfix-style queue ids: upper-case hex, time-ordered, unique across restarts.
 
-    Encodes microseconds since the epoch (bumped to stay strictly increasing)
-    in an alphabet without vowels so that ids never spell words.
+    Microseconds since the epoch, bumped to stay strictly increasing; one
+    f-string format, since an id is made for every message.
     """
 
-    ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz"
+    ALPHABET = "0123456789ABCDEF"
 
     def __init__(self, floor: int = 0) -> None:
         self._last = floor
@@ -465,8 +479,4 @@ class QueueIdGenerator:
     def next(self) -> str:
         now = time.time_ns() // 1000
         self._last = now if now > self._last else self._last + 1
-        n, base, out = self._last, len(self.ALPHABET), []
-        while n:
-            n, r = divmod(n, base)
-            out.append(self.ALPHABET[r])
-        return "".join(reversed(out))
+        return f"{self._last:X}"

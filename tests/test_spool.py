@@ -353,3 +353,12 @@ def test_queue_ids_unique_and_time_ordered() -> None:
     # A later generator (a restart) continues above the earlier ids.
     later = QueueIdGenerator().next()
     assert (len(later), later) > (len(ids[0]), ids[0])
+
+
+def test_more_parts_than_one_writev_takes(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    """A batch of over IOV_MAX (1024) parts is written in several writev calls, in order."""
+    spool = Spool(tmp_path)
+    spool.recover()
+    numbers = list(range(600))  # 600 records of 4 parts each: 2,400 parts in one batch at most
+    run(append(spool, numbers))
+    check_messages(tmp_path, recovered(tmp_path), numbers)
