@@ -44,11 +44,32 @@ def _valid_domain(domain: str) -> bool:
     return all(_LABEL.match(label) for label in labels)
 
 
+# The common case in one match: an ASCII dot-atom local part and a host-name
+# domain, no quoting, no source route.  Everything else takes the full parser.
+_SIMPLE = re.compile(
+    r"(?P<local>[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+)*)"
+    r"@(?P<domain>[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*)>"
+)
+
+
 def parse_path_argument(arg: str, keyword: str, allow_null: bool) -> PathArgument | bytes:
     """Parse ``FROM:<path> params`` (keyword "FROM:") or ``TO:<path> params``.
 
     Returns the parsed argument or the SMTP error reply to send.
     """
+    n = len(keyword)
+    if arg[n:n + 1] == "<" and arg[:n].upper() == keyword:
+        m = _SIMPLE.match(arg, n + 1)
+        if m is not None and len(m.group("local")) <= 64 and m.end() - n - 2 <= 256:
+            after = arg[m.end():]
+            if not after:
+                return PathArgument(arg[n + 1:m.end() - 1], {}, False)
+            if after[0] == " ":
+                params: dict[str, str] = {}
+                for token in after.split():
+                    key, _, value = token.partition("=")
+                    params[key.upper()] = value
+                return PathArgument(arg[n + 1:m.end() - 1], params, False)
     bad = replies.BAD_SENDER_SYNTAX if allow_null else replies.BAD_RCPT_SYNTAX
     if arg[: len(keyword)].upper() != keyword:
         return replies.reply(501, "5.5.4", f"Syntax: {'MAIL FROM' if allow_null else 'RCPT TO'}:<address>")
