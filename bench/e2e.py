@@ -1,0 +1,1003 @@
+"""End-to-end load benchmark: fastrelay against Postfix, aiosmtpd, a floor and a ceiling.
+
+Every server is started privately on its own free loopback port, loaded with
+Postfix's ``smtp-source`` (the same command line for each), timed, and
+stopped.  Runs are interleaved (A B C ... then reversed: C B A ...) so that
+the noise of a shared 2-core machine falls on every server alike; each figure
+is the median of ``--runs`` runs, and ratios are medians of ratios taken
+within the same round.
+
+Servers (see docs/benchmarks.md):
+  fastrelay       fastrelay serve, durable accept only ([delivery] enabled = false), log level warning
+  fastrelay-info  the same at log level info (only in the 1 KiB reuse case: the price of logging)
+  postfix         Postfix smtpd + its durable queue, forwarding to smtp-sink (CPU includes forwarding)
+  postfix-hold    the same Postfix, but every message is put on hold: durable accept only
+  aiosmtpd        aiosmtpd on uvloop, one fsynced file per message (bench/aiosmtpd_peer.py)
+  floor           bench/floor_server.py: bare protocol + group-commit log; a calibration, not a product
+  sink            smtp-sink alone: nothing stored; the ceiling of the load generator + loopback
+  haraka          Haraka 3 (npm), one process, queue/discard: nothing stored (when bench/setup_haraka.sh ran)
+
+Usage:
+  .venv/bin/python bench/e2e.py [--quick] [--full] [--runs N] [--cases C ...] [--servers S ...]
+  .venv/bin/python bench/e2e.py --profile 1k-reuse     # py-spy profile of fastrelay under one case
+
+Writes bench/results/e2e-YYYYmmdd-HHMMSS.{md,json,png} and prints the table.
+Only 127.0.0.1 is ever a target; every run is bounded in messages and seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PYTHON = sys.executable
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Spools must live on the real disk (ext4 here), never on tmpfs, or fsync is free.
+WORK_BASE = Path(os.environ.get("FASTRELAY_BENCH_WORK", "/var/tmp/fastrelay-bench"))
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
+KIB = 1024
+
+
+# --- cases ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    sessions: int
+    size: int          # smtp-source -l: payload bytes
+    reuse: bool        # smtp-source -d: all of a session's messages on one connection
+    messages: int      # smtp-source -m: total across sessions
+
+    def describe(self) -> str:
+        return (f"{self.sessions} session(s), {_size(self.size)}, "
+                f"{'connection reuse' if self.reuse else 'new connection per message'}")
+
+
+def _size(n: int) -> str:
+    if n >= 1 << 20:
+        return f"{n >> 20} MiB"
+    return f"{n >> 10} KiB"
+
+
+DEFAULT_CASES = [
+    Case("1k-new", 20, 1 * KIB, False, 4000),
+    Case("1k-reuse", 20, 1 * KIB, True, 8000),
+    Case("100k-new", 20, 100 * KIB, False, 2000),
+]
+
+
+def full_matrix() -> list[Case]:
+    """Issue 7: sessions 1/10/100/1000 x reuse or not x 1 KiB/100 KiB/10 MiB."""
+    cases = []
+    for size, base in ((1 * KIB, 4000), (100 * KIB, 1000), (10 << 20, 40)):
+        for sessions in (1, 10, 100, 1000):
+            if size >= 10 << 20 and sessions > 10:
+                continue  # 10 MiB x 100+ sessions is several GB per run: left out on purpose
+            for reuse in (False, True):
+                n = max(base, 2 * sessions)
+                tag = {KIB: "1k", 100 * KIB: "100k", 10 << 20: "10m"}[size]
+                cases.append(Case(f"{tag}-s{sessions}-{'reuse' if reuse else 'new'}", sessions, size, reuse, n))
+    return cases
+
+
+# --- process accounting ------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses: split after the last ')'.
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of a process tree: utime+stime of every live member plus the
+    cutime+cstime of the children it already reaped (so exited workers count)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        f = _stat_fields(int(entry))
+        if f is None:
+            continue
+        stats[int(entry)] = f
+        children.setdefault(int(f[1]), []).append(int(entry))  # f[1] is ppid
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        f = stats.get(pid)
+        if f is None:
+            continue
+        # fields 14-17 of stat (utime stime cutime cstime) are f[11:15] after comm
+        total += sum(int(x) for x in f[11:15])
+        todo.extend(children.get(pid, ()))
+    return total / CLK_TCK
+
+
+def machine_busy() -> float:
+    """CPU seconds all cores spent busy since boot (from /proc/stat)."""
+    parts = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    # user nice system idle iowait irq softirq steal: everything but idle and iowait
+    busy = [int(x) for i, x in enumerate(parts[:8]) if i not in (3, 4)]
+    return sum(busy) / CLK_TCK
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_banner(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection((HOST, port), timeout=2) as s:
+                if s.recv(512).startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise RuntimeError(f"no SMTP banner on {HOST}:{port} within {timeout}s ({last})")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- servers -----------------------------------------------------------------------
+
+
+class Server:
+    """One server under test: start it fresh, say which pid roots its processes, count what it stored."""
+
+    name = ""
+    label = ""
+    stores = True
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.dir = work
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def root_pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def settle(self, expected: int, timeout: float) -> None:
+        """After the load: wait until the server has done everything it does per message."""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+    def stored(self) -> int | None:
+        """Messages the server made durable (or forwarded), or None when it keeps nothing."""
+        return None
+
+    def fresh_dir(self) -> Path:
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=self.work))
+        self.dir.chmod(0o755)  # Postfix's daemons run as user postfix and must reach their dirs
+        return self.dir
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _spawn(self, argv: list[str], **kw: Any) -> None:
+        with open(self.dir / "server.out", "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, **kw)
+        wait_banner(self.port, proc=self.proc)
+
+
+FASTRELAY_CONFIG = """\
+# Generated by bench/e2e.py: accept-only fastrelay on loopback.
+[server]
+hostname = "relay.bench.test"
+listen = ["{host}:{port}"]
+spool_dir = "spool"
+max_connections = 20000
+max_connections_per_ip = 10000
+max_message_size = 52428800
+
+[[accounts]]
+name = "bench"
+domains = ["example.com"]
+
+[[accounts.rules]]
+name = "loopback"
+allowed_senders = "my_domains"
+only_allowed_ips = true
+ips = [ {{ range = "127.0.0.0/24", description = "the load generator" }} ]
+
+[limits.active]
+recipients_per_transaction = 100
+user_messages_per_day = 1000000000
+user_unique_recipients_per_day = 1000000000
+org_recipients_per_day = 1000000000
+org_recipients_per_10min = 1000000000
+
+[quota]
+state_dir = "quota"
+{delivery}
+[logging]
+level = "{level}"
+file = "relay.log"
+"""
+
+
+class Fastrelay(Server):
+    name = "fastrelay"
+    label = "fastrelay (durable accept)"
+    level = "warning"
+    delivery_section: str | None = None  # decided once: "[delivery]\nenabled = false\n" if accepted
+
+    def config_text(self) -> str:
+        cls = type(self)
+        if Fastrelay.delivery_section is None:
+            Fastrelay.delivery_section = self._probe_delivery()
+        return FASTRELAY_CONFIG.format(host=HOST, port=self.port, level=cls.level,
+                                       delivery=Fastrelay.delivery_section)
+
+    def _probe_delivery(self) -> str:
+        """The [delivery] section is new: use it if this fastrelay accepts it, else leave it out."""
+        probe = self.work / "probe"
+        probe.mkdir(exist_ok=True)
+        section = "\n[delivery]\nenabled = false\n"
+        cfg = probe / "relay.toml"
+        cfg.write_text(FASTRELAY_CONFIG.format(host=HOST, port=2525, level="warning", delivery=section))
+        r = subprocess.run([PYTHON, "-m", "fastrelay", "check-config", "--config", str(cfg)],
+                           capture_output=True, text=True, check=False)
+        shutil.rmtree(probe, ignore_errors=True)
+        if r.returncode == 0:
+            return section
+        print(f"note: fastrelay refuses [delivery] ({r.stderr.strip()}); running without it", file=sys.stderr)
+        return ""
+
+    def start(self) -> None:
+        self.fresh_dir()
+        self.port = free_port()
+        self.config = self.dir / "relay.toml"
+        self.config.write_text(self.config_text())
+        self._spawn([PYTHON, "-m", "fastrelay", "serve", "--config", str(self.config)])
+
+    def stored(self) -> int | None:
+        from fastrelay.spool import Spool
+
+        return len(Spool(self.dir / "spool").scan())
+
+
+class FastrelayInfo(Fastrelay):
+    name = "fastrelay-info"
+    label = "fastrelay, log level info"
+    level = "info"
+
+
+class Floor(Server):
+    name = "floor"
+    label = "floor (calibration: bare protocol + group commit)"
+
+    def start(self) -> None:
+        self.fresh_dir()
+        self.port = free_port()
+        self._spawn([PYTHON, str(BENCH / "floor_server.py"), "--listen", f"{HOST}:{self.port}",
+                     "--log", str(self.dir / "messages.log"), "--stats", str(self.dir / "stats")])
+
+    def stored(self) -> int | None:
+        try:
+            return int((self.dir / "stats").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            return -1
+
+
+class Aiosmtpd(Server):
+    name = "aiosmtpd"
+    label = "aiosmtpd + uvloop, fsync per message"
+
+    def start(self) -> None:
+        self.fresh_dir()
+        self.port = free_port()
+        self._spawn([PYTHON, str(BENCH / "aiosmtpd_peer.py"), "--listen", f"{HOST}:{self.port}",
+                     "--dir", str(self.dir / "mail")])
+
+    def stored(self) -> int | None:
+        return len(os.listdir(self.dir / "mail" / "new"))
+
+
+class Sink(Server):
+    name = "sink"
+    label = "smtp-sink (ceiling, stores nothing)"
+    stores = False
+
+    def start(self) -> None:
+        self.fresh_dir()
+        self.port = free_port()
+        self._spawn([SMTP_SINK, "-u", "nobody", f"{HOST}:{self.port}", "4096"])
+
+
+POSTFIX_MAIN = """\
+# Generated by bench/e2e.py: a private Postfix relaying to smtp-sink on loopback.
+compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.bench.test
+mydomain = bench.test
+myorigin = $myhostname
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+relayhost = [127.0.0.1]:{sink_port}
+smtp_dns_support_level = disabled
+disable_dns_lookups = yes
+smtpd_peername_lookup = no
+biff = no
+append_dot_mydomain = no
+maillog_file = {queue}/maillog
+maillog_file_prefixes = /var, /tmp
+# No throttling: measure the daemons, not Postfix's protection against floods.
+in_flow_delay = 0
+default_process_limit = 1200
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_client_message_rate_limit = 0
+smtpd_client_recipient_rate_limit = 0
+default_destination_concurrency_limit = 50
+message_size_limit = 52428800
+{extra}
+"""
+
+POSTFIX_MASTER = """\
+# Generated by bench/e2e.py: one loopback listener, nothing chrooted.
+{host}:{port} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+QUEUE_SUBDIRS = ("maildrop", "incoming", "active", "deferred", "hold")
+
+
+class Postfix(Server):
+    name = "postfix"
+    label = "Postfix 3.7 relay -> smtp-sink (CPU includes forwarding)"
+    extra = ""
+
+    def start(self) -> None:
+        self.fresh_dir()
+        self.port = free_port()
+        self.sink_port = free_port()
+        conf, self.queue, data = self.dir / "etc", self.dir / "queue", self.dir / "data"
+        for d in (conf, self.queue, data):
+            d.mkdir()
+        shutil.chown(data, "postfix", "postfix")
+        (conf / "main.cf").write_text(POSTFIX_MAIN.format(
+            queue=self.queue, data=data, sink_port=self.sink_port, extra=self.extra))
+        (conf / "master.cf").write_text(POSTFIX_MASTER.format(host=HOST, port=self.port))
+        self.conf = conf
+        with open(self.dir / "sink.out", "wb") as sink_log:
+            self.sink = subprocess.Popen([SMTP_SINK, "-u", "nobody", f"{HOST}:{self.sink_port}", "4096"],
+                                         stdout=sink_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_banner(self.sink_port, proc=self.sink)
+        r = subprocess.run([POSTFIX, "-c", str(conf), "start"], capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            stop_process(self.sink)
+            log = self.queue / "maillog"  # postfix-script explains only on a terminal; the log does
+            why = log.read_text(errors="replace")[-1000:] if log.exists() else ""
+            raise RuntimeError(f"postfix start failed: {r.stdout}{r.stderr}{why}")
+        wait_banner(self.port)
+
+    def root_pid(self) -> int:
+        return int((self.queue / "pid" / "master.pid").read_text().split()[0])
+
+    def queued(self) -> int:
+        n = 0
+        for sub in QUEUE_SUBDIRS:
+            d = self.queue / sub
+            if sub == "hold":
+                continue
+            for _, _, files in os.walk(d):
+                n += len(files)
+        return n
+
+    def settle(self, expected: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.queued() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        subprocess.run([POSTFIX, "-c", str(self.conf), "stop"], capture_output=True, check=False)
+        # `postfix stop` returns before the master is gone.
+        pidfile = self.queue / "pid" / "master.pid"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                pid = int(pidfile.read_text().split()[0])
+                os.kill(pid, 0)
+            except (OSError, ValueError):
+                break
+            time.sleep(0.05)
+        stop_process(self.sink)
+
+    def _log_count(self, pattern: str) -> int:
+        # postlogd writes asynchronously: give it a moment to catch up.
+        text = ""
+        for _ in range(20):
+            with contextlib.suppress(OSError):
+                text = (self.queue / "maillog").read_text(errors="replace")
+            if text:
+                break
+            time.sleep(0.1)
+        return len(re.findall(pattern, text))
+
+    def stored(self) -> int | None:
+        return self._log_count(r"status=sent")
+
+
+class PostfixHold(Postfix):
+    name = "postfix-hold"
+    label = "Postfix 3.7, accept to the hold queue only (no forwarding)"
+    extra = "smtpd_end_of_data_restrictions = check_client_access static:HOLD"
+
+    def stored(self) -> int | None:
+        return sum(len(files) for _, _, files in os.walk(self.queue / "hold"))
+
+
+HARAKA_PLUGIN = """\
+// bench/e2e.py: answer the reverse-DNS hook locally so no query leaves loopback,
+// and accept every recipient (the load generator is on 127.0.0.1).
+exports.hook_lookup_rdns = function (next, connection) { next(OK, 'localhost'); };
+exports.hook_rcpt = function (next, connection, params) { next(OK); };
+"""
+
+
+class Haraka(Server):
+    name = "haraka"
+    label = "Haraka 3 (one process, queue/discard: stores nothing)"
+    stores = False
+    install_dir: Path | None = None
+
+    def start(self) -> None:
+        assert self.install_dir is not None
+        self.fresh_dir()
+        self.port = free_port()
+        haraka = self.install_dir / "node_modules" / "Haraka" / "bin" / "haraka"
+        home = self.dir / "haraka"
+        subprocess.run(["node", str(haraka), "-i", str(home)], check=True, capture_output=True)
+        cfg = home / "config"
+        (cfg / "smtp.ini").write_text(f"listen={HOST}:{self.port}\nnodes=0\n")
+        (cfg / "me").write_text("haraka.bench.test\n")
+        (cfg / "plugins").write_text("bench_local\nqueue/discard\n")
+        (cfg / "log.ini").write_text("[main]\nlevel=warn\n")
+        (home / "plugins" / "bench_local.js").write_text(HARAKA_PLUGIN)
+        # queue/discard only discards when told to; otherwise it answers 451.
+        env = dict(os.environ, NODE_PATH=str(self.install_dir / "node_modules"), YES_REALLY_DO_DISCARD="1")
+        self._spawn(["node", str(haraka), "-c", str(home)], env=env)
+
+
+SERVERS: dict[str, type[Server]] = {
+    cls.name: cls for cls in (Fastrelay, FastrelayInfo, Postfix, PostfixHold, Aiosmtpd, Floor, Sink, Haraka)
+}
+DEFAULT_SERVERS = ["fastrelay", "postfix", "postfix-hold", "aiosmtpd", "floor", "sink"]
+
+
+# --- one run --------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    case: str
+    server: str
+    round: int
+    messages: int
+    seconds: float
+    rate: float
+    server_cpu: float          # CPU seconds of the server's process tree, load start -> settled
+    server_cpu_load: float     # the same, load start -> smtp-source done (Postfix: forwarding partly done)
+    client_cpu: float          # smtp-source's own CPU seconds
+    other_cpu: float           # everything else on the machine in the same window (noise)
+    stored: int | None
+    ok: bool
+    command: str
+    note: str = ""
+
+
+def smtp_source_argv(case: Case, port: int) -> list[str]:
+    argv = [SMTP_SOURCE, "-4", "-s", str(case.sessions), "-m", str(case.messages), "-l", str(case.size),
+            "-r", "1", "-f", "from@example.com", "-t", "to@example.net", "-M", "client.example.com"]
+    if case.reuse:
+        argv.append("-d")
+    return argv + [f"{HOST}:{port}"]
+
+
+def run_once(server: Server, case: Case, rnd: int, timeout: float) -> Run:
+    server.start()
+    try:
+        argv = smtp_source_argv(case, server.port)
+        root = server.root_pid()
+        cpu0, busy0 = tree_cpu(root), machine_busy()
+        t0 = time.perf_counter()
+        with open(server.dir / "smtp-source.err", "w+b") as err:
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
+            killer = threading.Timer(timeout, proc.kill)
+            killer.start()
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            seconds = time.perf_counter() - t0
+            killer.cancel()
+            cpu1 = tree_cpu(root)
+            server.settle(case.messages, timeout)
+            cpu2, busy2 = tree_cpu(root), machine_busy()
+            client_cpu = usage.ru_utime + usage.ru_stime
+            err.seek(0)
+            errors = err.read().decode(errors="replace").strip()
+        server_cpu = cpu2 - cpu0
+        # For Postfix this includes the smtp-sink behind it: the next hop, not the relay.
+        other = (busy2 - busy0) - server_cpu - client_cpu
+    finally:
+        server.stop()
+    stored = server.stored()
+    ok = proc.returncode == 0 and (stored is None or stored == case.messages)
+    note = ""
+    if proc.returncode != 0:
+        note = f"smtp-source exit {proc.returncode}: {errors[-300:]}"
+    elif stored is not None and stored != case.messages:
+        note = f"stored {stored} of {case.messages}"
+    elif errors:
+        note = errors[-200:]
+    server.cleanup()
+    return Run(case.name, server.name, rnd, case.messages, seconds, case.messages / seconds,
+               server_cpu, cpu1 - cpu0, client_cpu, other, stored, ok, " ".join(argv), note)
+
+
+# --- the suite ------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    def out(argv: list[str]) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+
+    from importlib.metadata import version
+
+    v = {
+        "python": platform.python_version(),
+        "uvloop": version("uvloop"),
+        "aiosmtpd": version("aiosmtpd"),
+        "postfix": out(["postconf", "-d", "-h", "mail_version"]),
+        "fastrelay git": out(["git", "-C", str(ROOT), "describe", "--always", "--dirty"]),
+    }
+    v["msgspec"] = version("msgspec")
+    if Haraka.install_dir is not None:
+        pkg = Haraka.install_dir / "node_modules" / "Haraka" / "package.json"
+        with contextlib.suppress(OSError, ValueError):
+            v["haraka"] = json.loads(pkg.read_text())["version"]
+        v["node"] = out(["node", "--version"])
+    return v
+
+
+def machine() -> dict[str, str]:
+    model = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1]
+    fs = subprocess.run(["df", "-T", str(WORK_BASE)], capture_output=True, text=True, check=False).stdout.splitlines()[-1].split()
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "kernel": platform.release(),
+        "memory": f"{int(mem) // 1024 // 1024} GiB",
+        "spool filesystem": f"{fs[1]} ({WORK_BASE})" if len(fs) > 1 else "?",
+        "loadavg at start": Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__(),
+    }
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+@dataclass
+class Summary:
+    case: Case
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+
+    def rate(self, server: str) -> float:
+        return median([r.rate for r in self.runs.get(server, []) if r.ok])
+
+    def cpu_ms(self, server: str) -> float:
+        return median([1000 * r.server_cpu / r.messages for r in self.runs.get(server, []) if r.ok])
+
+    def client_cores(self, server: str) -> float:
+        return median([r.client_cpu / r.seconds for r in self.runs.get(server, []) if r.ok])
+
+    def other_cores(self) -> float:
+        return median([r.other_cpu / r.seconds for rs in self.runs.values() for r in rs])
+
+    def ratio(self, a: str, b: str) -> float:
+        """Median over rounds of rate(a)/rate(b) measured in the same round."""
+        ra = {r.round: r.rate for r in self.runs.get(a, []) if r.ok}
+        rb = {r.round: r.rate for r in self.runs.get(b, []) if r.ok}
+        return median([ra[k] / rb[k] for k in ra if k in rb])
+
+
+def fmt(x: float, digits: int = 0) -> str:
+    if math.isnan(x):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def report(summaries: list[Summary], servers: list[str], meta: dict[str, Any]) -> str:
+    lines = [f"# fastrelay end-to-end load benchmark, {meta['started']}", ""]
+    lines.append("Command: `" + meta["argv"] + "`  ")
+    lines.append(f"Runs per figure: {meta['runs']} (interleaved rounds; medians; ratios are medians of same-round ratios); "
+                 f"wall time {meta['elapsed']:.0f} s.")
+    lines.append("")
+    lines.append("| machine | |")
+    lines.append("|---|---|")
+    for k, v in meta["machine"].items():
+        lines.append(f"| {k} | {v} |")
+    lines.append(f"| loadavg at end | {meta['loadavg_end']} |")
+    for k, v in meta["versions"].items():
+        lines.append(f"| {k} | {v} |")
+    lines.append("")
+    lines.append("## Ratios (fastrelay messages/s divided by the other's, same round)")
+    lines.append("")
+    others = [s for s in ("postfix", "postfix-hold", "aiosmtpd", "floor", "sink", "haraka") if s in servers]
+    lines.append("| case | fastrelay msg/s | " + " | ".join(f"/ {o}" for o in others) + " |")
+    lines.append("|---|---:|" + "---:|" * len(others))
+    for s in summaries:
+        lines.append(f"| {s.case.name} | {fmt(s.rate('fastrelay'))} | "
+                     + " | ".join(fmt(s.ratio("fastrelay", o), 2) for o in others) + " |")
+    lines.append("")
+    for s in summaries:
+        c = s.case
+        lines.append(f"## {c.name}: {c.describe()}, {c.messages} messages per run")
+        lines.append("")
+        lines.append(f"Other load on the machine during these runs (median, cores busy outside server and client): "
+                     f"{fmt(s.other_cores(), 2)}")
+        lines.append("")
+        lines.append("| server | msg/s (median) | runs msg/s | server CPU ms/msg | smtp-source cores | stored | fastrelay / this |")
+        lines.append("|---|---:|---|---:|---:|---|---:|")
+        for name in servers:
+            runs = s.runs.get(name)
+            if not runs:
+                continue
+            stored = ", ".join("-" if r.stored is None else str(r.stored) for r in runs)
+            bad = [r.note for r in runs if r.note]
+            lines.append(
+                f"| {name} | {fmt(s.rate(name))} | {' / '.join(fmt(r.rate) + ('' if r.ok else '!') for r in runs)} | "
+                f"{fmt(s.cpu_ms(name), 3)} | {fmt(s.client_cores(name), 2)} | {stored} | "
+                f"{fmt(s.ratio('fastrelay', name), 2) if name != 'fastrelay' else ''} |"
+                + (f" {'; '.join(sorted(set(bad)))[:300]}" if bad else "")
+            )
+        lines.append("")
+        lines.append("Load command (the port differs per server):")
+        lines.append("")
+        first = next(iter(s.runs.values()))[0]
+        lines.append(f"    {first.command}")
+        lines.append("")
+    lines.append("## Servers")
+    lines.append("")
+    for name in servers:
+        lines.append(f"- **{name}**: {SERVERS[name].label}")
+    lines.append("")
+    lines.append("`!` after a run: smtp-source failed or the server did not store every message (see the note); "
+                 "such runs are left out of the medians. Server CPU is the process tree's utime+stime "
+                 "(reaped children included) from the start of the load until the server settled "
+                 "(Postfix: until its queue was empty, so `postfix` includes forwarding to smtp-sink).")
+    return "\n".join(lines) + "\n"
+
+
+def chart(summaries: list[Summary], servers: list[str], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(summaries) + 2), 4.5))
+    width = 0.8 / len(servers)
+    for i, name in enumerate(servers):
+        xs = [j + i * width for j in range(len(summaries))]
+        ys = [s.rate(name) if s.runs.get(name) else 0 for s in summaries]
+        bars = ax.bar(xs, [0 if math.isnan(y) else y for y in ys], width, label=name)
+        ax.bar_label(bars, labels=[fmt(y) if y and not math.isnan(y) else "" for y in ys],
+                     fontsize=6, rotation=90, padding=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(summaries))], [s.case.name for s in summaries])
+    ax.set_ylabel("messages/s (median)")
+    ax.set_title("smtp-source against each server (loopback, higher is better)")
+    ax.legend(fontsize=7, ncols=2)
+    ax.margins(y=0.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def select_cases(args: argparse.Namespace) -> list[Case]:
+    pool = {c.name: c for c in DEFAULT_CASES + full_matrix()}
+    if args.cases:
+        unknown = [c for c in args.cases if c not in pool]
+        if unknown:
+            sys.exit(f"unknown case(s) {unknown}; known: {', '.join(pool)}")
+        cases = [pool[c] for c in args.cases]
+    else:
+        cases = DEFAULT_CASES + (full_matrix() if args.full else [])
+    if args.quick:
+        cases = [Case(c.name, c.sessions, c.size, c.reuse, max(c.messages // 5, 2 * c.sessions, 10)) for c in cases]
+    if args.messages:
+        cases = [Case(c.name, c.sessions, c.size, c.reuse, args.messages) for c in cases]
+    return cases
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    cases = select_cases(args)
+    servers = list(args.servers or DEFAULT_SERVERS)
+    if args.haraka and not args.no_haraka and (Path(args.haraka) / "node_modules" / "Haraka").is_dir():
+        Haraka.install_dir = Path(args.haraka)
+        if not args.servers:
+            servers.append("haraka")
+    if "haraka" in servers and Haraka.install_dir is None:
+        sys.exit(f"haraka: not installed in {args.haraka}: run bench/setup_haraka.sh first")
+    if "fastrelay" not in servers:
+        servers.insert(0, "fastrelay")
+    if not args.no_info and "fastrelay-info" not in servers:
+        servers.insert(1, "fastrelay-info")
+    WORK_BASE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="e2e-", dir=WORK_BASE))
+    work.chmod(0o755)
+    instances = {name: SERVERS[name](work) for name in servers}
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    t_start = time.monotonic()
+    meta: dict[str, Any] = {"started": started, "argv": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                            "runs": args.runs, "machine": machine(), "versions": versions()}
+    summaries = []
+    try:
+        for case in cases:
+            s = Summary(case)
+            summaries.append(s)
+            names = [n for n in servers if n != "fastrelay-info" or case.name == "1k-reuse"]
+            for rnd in range(args.runs):
+                order = names if rnd % 2 == 0 else names[::-1]
+                for name in order:
+                    r = run_once(instances[name], case, rnd, args.timeout)
+                    s.runs.setdefault(name, []).append(r)
+                    print(f"{case.name:>22} round {rnd} {name:>15}: {r.rate:9,.0f} msg/s  "
+                          f"cpu {1000 * r.server_cpu / r.messages:6.3f} ms/msg  "
+                          f"client {r.client_cpu / r.seconds:4.2f} cores  other {r.other_cpu / r.seconds:4.2f} cores"
+                          f"{'' if r.ok else '  FAILED ' + r.note}", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: reporting what ran", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    meta["elapsed"] = time.monotonic() - t_start
+    meta["loadavg_end"] = str(Path("/proc/loadavg").read_text().split(" ", 3)[:3])
+    shown = [n for n in servers if any(n in s.runs for s in summaries)]
+    text = report(summaries, shown, meta)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / ("e2e-" + time.strftime("%Y%m%d-%H%M%S"))
+    png = stem.with_suffix(".png")
+    if chart(summaries, [n for n in shown if n != "fastrelay-info"], png):
+        text += f"\n![messages/s per case]({png.name})\n"
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"meta": meta, "cases": [asdict(s.case) for s in summaries],
+         "runs": [asdict(r) for s in summaries for rs in s.runs.values() for r in rs]}, indent=1))
+    print()
+    print(text)
+    print(f"written: {stem}.md, .json" + (", .png" if png.exists() else ""))
+    return 0 if all(r.ok for s in summaries for rs in s.runs.values() for r in rs) else 1
+
+
+# --- profiling -------------------------------------------------------------------------
+
+
+def profile(args: argparse.Namespace) -> int:
+    """Run fastrelay under one case with py-spy attached; print the top functions by own time."""
+    case = select_cases(argparse.Namespace(**{**vars(args), "cases": [args.profile]}))[0]
+    py_spy = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
+    WORK_BASE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="profile-", dir=WORK_BASE))
+    server = Fastrelay(work)
+    server.start()
+    raw = work / "profile.txt"
+    spy = subprocess.Popen([py_spy, "record", "--pid", str(server.root_pid()), "--rate", str(args.rate),
+                            "--format", "raw", "--threads", "--output", str(raw)]
+                           + (["--native"] if args.native else []) + (["--gil"] if args.gil else []),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # let py-spy attach
+    try:
+        t0 = time.perf_counter()
+        r = subprocess.run(smtp_source_argv(case, server.port), capture_output=True, timeout=args.timeout,
+                           check=False)
+        seconds = time.perf_counter() - t0
+    finally:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+        server.stop()
+    head = (f"`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}` ({time.strftime('%Y-%m-%d %H:%M:%S')}, "
+            f"loadavg {Path('/proc/loadavg').read_text().split(' ', 3)[:3]})\n"
+            f"{case.name} ({case.describe()}): {case.messages} messages in {seconds:.2f}s = "
+            f"{case.messages / seconds:,.0f} msg/s under py-spy --rate {args.rate}"
+            f"{' --gil' if args.gil else ''}{' --native' if args.native else ''} "
+            f"(smtp-source exit {r.returncode}); stored {server.stored()}\n\n")
+    text = head + summarize_profile(raw.read_text() if raw.exists() else "", args.top)
+    print(text)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / f"profile-{case.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if raw.exists():
+        shutil.copy(raw, dest.with_suffix(".folded"))
+    dest.with_suffix(".txt").write_text(text)
+    print(f"written: {dest}.txt (summary), {dest}.folded (collapsed stacks: flamegraph.pl or speedscope)")
+    server.cleanup()
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _frame_name(frame: str) -> str:
+    # py-spy raw frames look like "function (path/to/file.py:LINE)"
+    m = re.match(r"(.*) \((.*?):?(\d+)?\)$", frame)
+    if not m:
+        return frame
+    func, path = m.group(1), m.group(2)
+    for marker in ("/fastrelay/", "/site-packages/", "/lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{func} ({path})"
+
+
+def summarize_profile(folded: str, top: int) -> str:
+    """Own and inclusive time per function from py-spy's collapsed stacks, overall and per busy thread."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    own_by_thread: dict[str, dict[str, int]] = {}
+    total = 0
+    for line in folded.splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not count_s.isdigit():
+            continue
+        count = int(count_s)
+        frames = [f for f in stack.split(";") if f]
+        if not frames:
+            continue
+        total += count
+        thread = frames[0].split(": ", 1)[-1] if frames[0].startswith(("thread", "process")) else "main"
+        threads[thread] = threads.get(thread, 0) + count
+        names = [_frame_name(f) for f in frames if not f.startswith(("process ", "thread "))]
+        if not names:
+            continue
+        leaf = names[-1]
+        # py-spy --native: a libc address under a GIL take is the wait for the GIL.
+        if len(names) > 1 and ("pthread_cond" in leaf or leaf.startswith("0x")):
+            caller = next((n for n in reversed(names[:-1]) if "libc.so" not in n), "?")
+            leaf = f"[GIL/lock wait in {caller}]"
+        own[leaf] = own.get(leaf, 0) + count
+        per = own_by_thread.setdefault(thread, {})
+        per[leaf] = per.get(leaf, 0) + count
+        for n in set(names):
+            inclusive[n] = inclusive.get(n, 0) + count
+    if not total:
+        return "no samples (is py-spy installed, and allowed to ptrace?)"
+    out = [f"{total} samples (active threads only: py-spy leaves out idle ones)", "", "by thread:"]
+    for t, c in sorted(threads.items(), key=lambda kv: -kv[1]):
+        out.append(f"  {100 * c / total:5.1f}%  {t}")
+    out += ["", f"top {top} by own time (% of all samples):"]
+    for n, c in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"  {100 * c / total:5.1f}%  {n}")
+    for t, c in sorted(threads.items(), key=lambda kv: -kv[1]):
+        if c < total / 10:
+            continue
+        out += ["", f"thread {t}: top {min(top, 15)} by own time (% of this thread's samples):"]
+        for n, k in sorted(own_by_thread[t].items(), key=lambda kv: -kv[1])[:min(top, 15)]:
+            out.append(f"  {100 * k / c:5.1f}%  {n}")
+    out += ["", f"top {top} by inclusive time:"]
+    for n, c in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"  {100 * c / total:5.1f}%  {n}")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="End-to-end SMTP load benchmark (see the module docstring).")
+    ap.add_argument("--quick", action="store_true", help="a fifth of the messages per run (a smoke test)")
+    ap.add_argument("--full", action="store_true", help="add the issue-7 matrix (long: hours with every server)")
+    ap.add_argument("--runs", type=int, default=3, help="interleaved rounds per case (default 3)")
+    ap.add_argument("--cases", nargs="*", help="case names (default: 1k-new 1k-reuse 100k-new)")
+    ap.add_argument("--servers", nargs="*", choices=sorted(SERVERS), help=f"default: {' '.join(DEFAULT_SERVERS)}")
+    ap.add_argument("--messages", type=int, help="override the message count of every case")
+    ap.add_argument("--no-info", action="store_true", help="skip fastrelay at log level info")
+    ap.add_argument("--haraka", metavar="DIR", default=str(WORK_BASE / "haraka"),
+                    help="where bench/setup_haraka.sh installed Haraka (default %(default)s); "
+                         "Haraka is added when it is there")
+    ap.add_argument("--no-haraka", action="store_true", help="leave Haraka out even if installed")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds before a run is killed (default 300)")
+    ap.add_argument("--out", default=str(BENCH / "results"), help="where reports go (default bench/results)")
+    ap.add_argument("--profile", metavar="CASE", help="profile fastrelay with py-spy under CASE instead")
+    ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second (with --profile)")
+    ap.add_argument("--native", action="store_true", help="py-spy --native (with --profile)")
+    ap.add_argument("--gil", action="store_true", help="py-spy --gil: only samples holding the GIL (with --profile)")
+    ap.add_argument("--top", type=int, default=25, help="functions to list (with --profile)")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0 and any(s in (args.servers or DEFAULT_SERVERS) for s in ("postfix", "postfix-hold")):
+        print("note: the Postfix servers need root (postfix start, smtp-sink -u)", file=sys.stderr)
+    if args.profile:
+        return profile(args)
+    return run_suite(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
