@@ -14,10 +14,14 @@ import signal
 import sys
 from pathlib import Path
 
+from . import events
+from .archive import ArchiveStage
 from .config import Config, load_config, parse_hostport
 from .control import ControlServer, socket_path
 from .delivery import QueueManager
+from .metrics import MetricsServer, start_metrics
 from .errors import ConfigError
+from .logs import BatchedLogHandler
 from .policy import Directory, RelayPolicy
 from .quota import QuotaBook, QuotaJournal, make_quota_book
 from .server import SmtpServer
@@ -31,13 +35,13 @@ def setup_logging(config: Config) -> None:
     root = logging.getLogger("fastrelay")
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler: logging.Handler
+        h.close()
     if config.logging.file:
         path = config.path(config.logging.file)
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path)
+        handler = BatchedLogHandler(open(path, "a", encoding="utf-8"), owns_stream=True)
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = BatchedLogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s fastrelay[%(process)d]: %(message)s", "%b %d %H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(config.logging.level.upper())
@@ -60,6 +64,7 @@ class Relay:
         tls = server_context(config)
         policy = build_policy(config)
         self.spool = Spool(config.path(config.server.spool_dir))
+        events.configure(config)
         # Bound before recovery: a second relay on the same spool stops here.
         self.control = ControlServer(socket_path(self.spool.directory))
         await self.control.start()
@@ -83,6 +88,15 @@ class Relay:
         # scanning plugs in as QueueManager(..., pre_delivery=hook) (docs/delivery.md).
         self.delivery = QueueManager(config, self.spool, self.server.queue_ids)
         self.server.on_queued = self.delivery.on_queued
+        # The archive (docs/archive.md): every message is archived before its
+        # first delivery attempt (pre_delivery), and archiving starts at once
+        # in the background (on_queued), off the SMTP path.
+        self.archive: ArchiveStage | None = None
+        if config.archive.enabled:
+            self.archive = ArchiveStage.from_config(config, self.spool, self.server.queue_ids)
+            self.archive.start(loop, requeue=self.delivery.on_queued, recovered=recovered)
+            self.delivery.pre_delivery = self.archive.hook(self.delivery.pre_delivery)
+            self.server.on_queued = self.archive.on_queued(self.server.on_queued)
         self.delivery.start(recovered)
         for name, handler in self.delivery.control_handlers().items():
             self.control.register(name, handler)
@@ -92,6 +106,7 @@ class Relay:
             await self.server.listen(parse_hostport(addr), implicit_tls=True)
         log.info("fastrelay listening on %s%s", ", ".join(config.server.listen),
                  f"; implicit TLS on {', '.join(config.server.listen_tls)}" if config.server.listen_tls else "")
+        self.metrics: MetricsServer | None = start_metrics(config, self, loop)
         loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.shutdown()))
         loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(self.shutdown()))
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -108,6 +123,7 @@ class Relay:
             log.warning("reload: listener changes take effect at the next restart")
         self.config = config
         setup_logging(config)
+        events.configure(config)
         self.quota.apply(config)
         self.server.apply(config, policy, self.quota)
         self.delivery.apply(config)
@@ -120,6 +136,11 @@ class Relay:
         log.info("shutdown: draining connections (up to %.0fs)", self.config.server.drain_timeout)
         await asyncio.gather(self.server.drain(self.config.server.drain_timeout),
                              self.delivery.stop(self.config.server.drain_timeout))
+        if self.archive is not None:
+            await self.archive.close(self.config.server.drain_timeout)
+        if self.metrics is not None:
+            self.metrics.close()
+        await events.shutdown()
         self.control.close()
         if self.quota_journal is not None:
             await self.quota_journal.close()
