@@ -30,13 +30,15 @@ import binascii
 import email.utils
 import enum
 import logging
+import re
 import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from . import replies
+from . import events, replies
 from .addresses import parse_path_argument
 from .config import Config, ServerConfig
 from .errors import SpoolError
@@ -136,6 +138,10 @@ class SmtpServer:
         self._servers: list[asyncio.base_events.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.counters = {"connections": 0, "refused_connections": 0, "messages": 0, "recipients": 0}
+        # Plain counters for metrics.py (read at scrape time, never on this path).
+        self.counters["auth_failures"] = 0
+        self.connection_refusals = {"max_connections": 0, "max_connections_per_ip": 0, "shutting_down": 0}
+        self.refusals: dict[tuple[str, str, str], int] = {}   # (stage, code, enhanced code) -> replies
         self.apply(config, policy, quota)
 
     def apply(self, config: Config, policy: RelayPolicy, quota: QuotaBook | None) -> None:
@@ -180,21 +186,40 @@ class SmtpServer:
     def register(self, session: SmtpSession) -> bytes | None:
         """Count a new connection; return a 421 reply if a limit refuses it."""
         if self.draining:
+            self.connection_refusals["shutting_down"] += 1
             return replies.SHUTTING_DOWN
         ip = session.client_ip
         if len(self.sessions) >= self.cfg.max_connections:
             self.counters["refused_connections"] += 1
+            self.connection_refusals["max_connections"] += 1
             log.warning("connect from [%s]: refused: too many connections (%d)", ip, len(self.sessions))
             return replies.TOO_MANY_CONNECTIONS
         n = self.per_ip.get(ip, 0)
         if n >= self.cfg.max_connections_per_ip:
             self.counters["refused_connections"] += 1
+            self.connection_refusals["max_connections_per_ip"] += 1
             log.warning("connect from [%s]: refused: too many connections from this IP (%d)", ip, n)
             return replies.TOO_MANY_FROM_IP
         self.per_ip[ip] = n + 1
         self.sessions.add(session)
         self.counters["connections"] += 1
         return None
+
+    def count_refusal(self, session: SmtpSession, reply: bytes, line: bytes = b"") -> None:
+        """A 4xx/5xx reply: count it by stage, code and enhanced code, and log the event
+        (with the refused command ``line`` for MAIL and RCPT)."""
+        stage = _STAGES.get(session.command, "UNKNOWN")
+        first = reply.split(b"\r\n", 1)[0].decode("utf-8", "replace")
+        code, text = first[:3], first[4:]
+        dsn, _, rest = text.partition(" ")
+        if not _ENHANCED.match(dsn):
+            dsn, rest = "", text
+        key = (stage, code, dsn)
+        self.refusals[key] = self.refusals.get(key, 0) + 1
+        events.emit("refusal", stage=stage, code=int(code) if code.isdigit() else code, dsn=dsn, text=rest,
+                    client_ip=session.client_ip, helo=session.helo or None, sender=session.sender or None,
+                    auth_user=session.auth_user,
+                    command=line[:600].decode("utf-8", "replace") if stage in ("MAIL", "RCPT") else None)
 
     def unregister(self, session: SmtpSession) -> None:
         if session in self.sessions:
@@ -251,6 +276,7 @@ class SmtpSession(asyncio.Protocol):
         self.last_activity = 0.0
         self.reading_paused = False
         self._auth_login_user = ""
+        self.command: Any = "CONNECT"   # the handler of the last command: the stage of a refusal
         # Replies to the commands of the current read, not yet written; a
         # command that closes the session writes them first (RFC 2920 order).
         self._unsent: list[bytes] = []
@@ -279,6 +305,7 @@ class SmtpSession(asyncio.Protocol):
         self.last_activity = self.server.loop.time()
         refusal = self.server.register(self)
         if refusal is not None:
+            self.server.count_refusal(self, refusal)
             transport.write(refusal)
             transport.close()
             self.state = State.CLOSED
@@ -308,6 +335,8 @@ class SmtpSession(asyncio.Protocol):
         if self.closing or self.transport is None:
             return
         self.closing = True
+        if reply[0] >= 52:
+            self.server.count_refusal(self, reply)
         try:
             self.transport.write(b"".join(self._unsent) + reply)
             self._unsent.clear()
@@ -387,6 +416,8 @@ class SmtpSession(asyncio.Protocol):
                 reply = self._dispatch(line)
                 if reply is not None:
                     out.append(reply)
+                    if reply[0] >= 52:  # "4" or "5": a refusal
+                        self.server.count_refusal(self, reply, line)
         except Exception:
             # Errors never escape the hot path: answer a temporary failure.
             log.exception("session [%s]: internal error", self.client_ip)
@@ -413,9 +444,6 @@ class SmtpSession(asyncio.Protocol):
         task.add_done_callback(self._deferred_done)
 
     def _deferred_done(self, task: asyncio.Future[bytes]) -> None:
-        self.busy = False
-        if self.closing:
-            return
         try:
             reply = task.result()
         except Exception:
@@ -423,8 +451,17 @@ class SmtpSession(asyncio.Protocol):
             reply = replies.TEMP_LOCAL_ERROR
             self._reset_transaction()
             self.state = State.READY
+        self._resume(reply)
+
+    def _resume(self, reply: bytes) -> None:
+        """Send a deferred reply, then go on with what the client pipelined meanwhile."""
+        self.busy = False
+        if self.closing:
+            return
         if reply:
             self.transport.write(reply)
+            if reply[0] >= 52:
+                self.server.count_refusal(self, reply)
         if self.closing:
             return
         if self.draining and self.state in (State.READY, State.GREETED):
@@ -443,6 +480,7 @@ class SmtpSession(asyncio.Protocol):
             return self._auth_continue(line)
         verb, _, arg_bytes = line.partition(b" ")
         handler = _COMMANDS.get(verb.upper())
+        self.command = handler
         if handler is None:
             return replies.SYNTAX_ERROR
         try:
@@ -758,6 +796,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _auth_failed(self, username: str, why: str) -> float:
         log.warning("auth: [%s] failed for %r: %s", self.client_ip, username, why)
+        self.server.counters["auth_failures"] += 1
         return self.server.auth_throttle.fail(self.client_ip, time.monotonic())
 
     # -- DATA ------------------------------------------------------------------------
@@ -827,28 +866,63 @@ class SmtpSession(asyncio.Protocol):
         if len(content) > self.cfg.max_message_size:
             self._finish_transaction(replies.MESSAGE_TOO_BIG, "message too big")
             return
-        self._defer(self._queue(content))
+        self._queue(content)
 
     def _finish_transaction(self, reply: bytes, why: str) -> None:
+        self.server.count_refusal(self, reply)
         log.info("NOQUEUE: reject: DATA from %s[%s]: %s; from=<%s> nrcpt=%d",
                  self.helo, self.client_ip, why, self.sender, len(self.recipients))
         self._reset_transaction()
         self.state = State.READY
         self.transport.write(reply)
 
-    async def _queue(self, content: bytes) -> bytes:
-        server = self.server
-        decision = self.decision
-        assert decision is not None
-        quota, txn = server.quota, self.quota_txn
+    def _queue(self, content: bytes) -> None:
+        """End of DATA: count the quota, write the spool, answer when durable.
+
+        With the local quota everything up to the spool write is synchronous
+        and the reply rides on the spool future's callback: no Task per
+        message.  A remote quota (Redis) needs a coroutine."""
+        quota, txn = self.server.quota, self.quota_txn
         if quota is not None and txn is not None:
+            if quota.is_async:
+                self._defer(self._queue_after_remote_quota(content))
+                return
             refusal = quota.reserve(txn)
-            if not isinstance(refusal, bytes) and refusal is not None:
-                refusal = await refusal
             if refusal is not None:
                 self._finish_transaction(refusal, "quota: " + refusal.decode(errors="replace").strip())
-                return b""
-        queue_id = server.queue_ids.next()
+                return
+        envelope, header = self._envelope(content)
+        self.busy = True
+        future = self.server.spool.append_message(envelope, (header, content))
+        future.add_done_callback(partial(self._on_spooled, envelope, len(header) + len(content)))
+
+    def _on_spooled(self, envelope: Envelope, size: int, future: asyncio.Future[Location | None]) -> None:
+        try:
+            reply = self._spooled(envelope, size, future)
+        except Exception:
+            # Errors never escape the hot path (nor leave the session busy).
+            log.exception("%s: internal error after the spool write", envelope.queue_id)
+            reply = replies.TEMP_LOCAL_ERROR
+            self._reset_transaction()
+            self.state = State.READY
+        self._resume(reply)
+
+    async def _queue_after_remote_quota(self, content: bytes) -> bytes:
+        quota, txn = self.server.quota, self.quota_txn
+        assert quota is not None and txn is not None
+        refusal = await quota.reserve(txn)
+        if refusal is not None:
+            self._finish_transaction(refusal, "quota: " + refusal.decode(errors="replace").strip())
+            return b""
+        envelope, header = self._envelope(content)
+        future = self.server.spool.append_message(envelope, (header, content))
+        await asyncio.wait([future])
+        return self._spooled(envelope, len(header) + len(content), future)
+
+    def _envelope(self, content: bytes) -> tuple[Envelope, bytes]:
+        decision = self.decision
+        assert decision is not None
+        queue_id = self.server.queue_ids.next()
         now = time.time()
         envelope = Envelope(
             queue_id=queue_id, arrival=now, client_ip=self.client_ip, client_helo=self.helo,
@@ -858,17 +932,24 @@ class SmtpSession(asyncio.Protocol):
             rule=decision.rule.name if decision.rule else None,
             smtputf8=self.smtputf8, body_8bit=self.body_8bit or not content.isascii(),
         )
-        header = self._received_header(queue_id, now)
+        return envelope, self._received_header(queue_id, now)
+
+    def _spooled(self, envelope: Envelope, size: int, future: asyncio.Future[Location | None]) -> bytes:
+        """The spool write finished: the reply to send, and the hand-off to delivery."""
+        server = self.server
+        decision = self.decision
+        assert decision is not None
+        queue_id = envelope.queue_id
         try:
-            location = await server.spool.append_message(envelope, (header, content))
+            location = future.result()
         except SpoolError as exc:
+            quota, txn = server.quota, self.quota_txn
             if quota is not None and txn is not None:
                 quota.release(txn)
             log.error("%s: spool write failed: %s; answered 452", queue_id, exc)
             self._reset_transaction()
             self.state = State.READY
             return replies.STORAGE_FULL
-        size = len(header) + len(content)
         server.counters["messages"] += 1
         server.counters["recipients"] += len(self.recipients)
         log.info("%s: client=%s[%s]%s%s", queue_id, self.helo, self.client_ip,
@@ -876,11 +957,14 @@ class SmtpSession(asyncio.Protocol):
                  f", orig_from=<{decision.original_sender}>" if decision.original_sender is not None else "")
         log.info("%s: from=<%s>, size=%d, nrcpt=%d, account=%s, rule=%s (queue active)",
                  queue_id, self.sender, size, len(self.recipients), envelope.account, envelope.rule)
+        events.emit("reception", queue_id=queue_id, client_ip=self.client_ip, helo=self.helo, sender=self.sender,
+                    recipients=self.recipients, size=size, account=envelope.account, rule=envelope.rule,
+                    auth_user=self.auth_user, tls=self.tls_info, original_sender=decision.original_sender)
         self._reset_transaction()
         self.state = State.READY
         if server.on_queued is not None and location is not None:
             server.on_queued(envelope, location)
-        return f"250 2.0.0 Ok: queued as {queue_id}\r\n".encode()
+        return b"250 2.0.0 Ok: queued as " + queue_id.encode() + b"\r\n"
 
     def _received_header(self, queue_id: str, now: float) -> bytes:
         # RFC 5321 §4.4 trace field; "with" keywords from RFC 3848.
@@ -919,6 +1003,12 @@ _COMMANDS: dict[bytes, Callable[[SmtpSession, str], bytes | None]] = {
     b"STARTTLS": SmtpSession._cmd_starttls,
     b"AUTH": SmtpSession._cmd_auth,
 }
+
+
+# The stage of a refusal (metrics.py's "stage" label): the command being answered.
+_STAGES: dict[Any, str] = {handler: verb.decode() for verb, handler in _COMMANDS.items()}
+_STAGES["CONNECT"] = "CONNECT"
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 
 
 def _b64decode(text: str) -> bytes | None:

@@ -382,7 +382,7 @@ def test_deferred_mail_survives_a_restart_and_keeps_its_schedule(world: World) -
     assert time.time() >= before.next_attempt - 0.1   # not earlier than scheduled
     assert message.rcpt_tos == ["bob@dest.test"]
     relay.wait_log(f"{qid}: removed")
-    assert "delivery: resuming 1 deferred" in relay.log()
+    relay.wait_log("delivery: resuming 1 deferred")
     wait_drained(relay)
 
 
@@ -531,7 +531,7 @@ def test_cli_hold_release_delete_flush_on_the_running_relay(world: World) -> Non
     assert deleted.returncode == 0 and f"{fourth}: removed" in deleted.stdout
     assert queue_states(relay) == {}
     assert len(sink.messages) == fourth_sink_count
-    assert "deleted by the administrator" in relay.log()
+    relay.wait_log("deleted by the administrator")
 
     unknown = cli(relay, "hold", "NOSUCHID")
     assert unknown.returncode == 1 and "no message NOSUCHID" in unknown.stderr

@@ -120,6 +120,6 @@ def test_sigkill_loses_no_acknowledged_message(relay_factory: object) -> None:
         assert len(ledger.acked) > acked_before, f"{context}: no message went through"
         relay.start()
         count = check_spool(relay, ledger, context)
-        assert f"spool: {count} queued message(s) recovered" in relay.log(), context
+        relay.wait_log(f"spool: {count} queued message(s) recovered")
     assert relay.stop() == 0
     check_spool(relay, ledger, f"seed {seed}, after the final stop")
