@@ -388,9 +388,8 @@ class SmtpSession(asyncio.Protocol):
                     buf, pos = self.buffer, 0
                     continue
                 nl = buf.find(b"\n", pos)
-                limit = MAX_AUTH_LINE if self._auth_line_allowed(buf, pos) else MAX_COMMAND_LINE
                 if nl < 0:
-                    if len(buf) - pos > limit:
+                    if len(buf) - pos > MAX_COMMAND_LINE and len(buf) - pos > self._line_limit(buf, pos):
                         # Drop the over-long line as it comes; answer once it ends.
                         self.discarding = True
                         pos = len(buf)
@@ -406,10 +405,11 @@ class SmtpSession(asyncio.Protocol):
                     pos = line_end
                     continue
                 line = buf[pos:nl - 1]
-                pos = line_end
-                if len(line) + 2 > limit:
+                if len(line) + 2 > MAX_COMMAND_LINE and len(line) + 2 > self._line_limit(buf, pos):
+                    pos = line_end
                     out.append(replies.LINE_TOO_LONG)
                     continue
+                pos = line_end
                 if b"\r" in line:
                     out.append(replies.BARE_NEWLINE_COMMAND)
                     continue
@@ -430,10 +430,11 @@ class SmtpSession(asyncio.Protocol):
             self.transport.write(b"".join(out))
         out.clear()
 
-    def _auth_line_allowed(self, buf: bytes, pos: int) -> bool:
+    def _line_limit(self, buf: bytes, pos: int) -> int:
+        """512 octets, or 12288 for AUTH lines (RFC 4954 §4); asked only of long lines."""
         if self.state in (State.AUTH_PLAIN, State.AUTH_LOGIN_USER, State.AUTH_LOGIN_PASS):
-            return True
-        return buf[pos:pos + 5].upper() == b"AUTH "
+            return MAX_AUTH_LINE
+        return MAX_AUTH_LINE if buf[pos:pos + 5].upper() == b"AUTH " else MAX_COMMAND_LINE
 
     # -- async replies -----------------------------------------------------------
 
@@ -806,11 +807,17 @@ class SmtpSession(asyncio.Protocol):
 
         True when the content ended; the bytes after it are then in self.buffer."""
         tail = self.tail
-        window = tail + data
+        # Look across the read boundary in a few bytes, then in the read
+        # itself, so a large message is never copied just to be searched.
+        window = tail + data[:4]
         found = window.find(b"\r\n.\r\n")
         if found < 0:
+            found = data.find(b"\r\n.\r\n")
+            if found >= 0:
+                found += len(tail)
+        if found < 0:
             self._store(data)
-            self.tail = window[-4:]
+            self.tail = data[-4:] if len(data) >= 4 else (tail + data)[-4:]
             return False
         # Content ends with the CRLF that starts the terminator.
         cut = found + 2 - len(tail)
@@ -979,7 +986,7 @@ class SmtpSession(asyncio.Protocol):
         if self.auth_user:
             lines.append(f"\t(Authenticated sender: {self.auth_user})")
         lines.append(f"\tby {self.server.hostname} (fastrelay) with {protocol} id {queue_id}")
-        stamp = email.utils.formatdate(now, localtime=True)
+        stamp = _received_date(now)
         if len(self.recipients) == 1:
             lines.append(f"\tfor <{self.recipients[0]}>; {stamp}")
         else:
@@ -1009,6 +1016,18 @@ _COMMANDS: dict[bytes, Callable[[SmtpSession, str], bytes | None]] = {
 _STAGES: dict[Any, str] = {handler: verb.decode() for verb, handler in _COMMANDS.items()}
 _STAGES["CONNECT"] = "CONNECT"
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _received_date(now: float) -> str:
+    """RFC 5322 date for the Received: header, formatted once per second."""
+    global _date_cache
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.formatdate(second, localtime=True))
+    return _date_cache[1]
 
 
 def _b64decode(text: str) -> bytes | None:
