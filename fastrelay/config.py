@@ -7,7 +7,7 @@ the same whatever the working directory.
 
 Sections: [server], [[accounts]] (with [[accounts.users]], [[accounts.rules]]),
 [limits.<status>], [quota], [delivery] (with [[delivery.routes]]), [logging],
-[archive], [metrics].
+[archive], [metrics], [abuse].
 """
 
 from __future__ import annotations
@@ -206,6 +206,37 @@ class MetricsConfig(Section):
     listen: str = ""
 
 
+# --- [abuse] (docs/abuse.md) ----------------------------------------------------------
+
+
+class AbuseConfig(Section):
+    # Content scanning before delivery (builtin heuristics and/or daemons),
+    # per-sender spam thresholds, alerts to super admins, suspensions.
+    enabled: bool = True
+    scanners: list[Literal["builtin", "rspamd", "spamd", "clamd"]] = msgspec.field(
+        default_factory=lambda: ["builtin"])
+    rspamd_url: str = "http://127.0.0.1:11333"
+    spamd: str = "127.0.0.1:783"
+    clamd: str = "127.0.0.1:3310"             # host:port or an absolute unix socket path
+    spam_action: Literal["quarantine", "bounce"] = "quarantine"
+    alert_min_spam: int = 10
+    alert_spam_ratio: float = 0.5
+    alert_window: str | int = "1h"
+    suspend_after: str | int = "24h"
+    # A scanner that is down, times out or answers nonsense: "defer" asks again
+    # after delivery.retry_schedule[0] (nothing is delivered unscanned);
+    # "skip" decides on the other scanners' verdicts.
+    on_scanner_error: Literal["defer", "skip"] = "defer"
+    scan_timeout: float = 30.0                # per daemon request
+    concurrency: int = 16                     # messages scanned at once
+    spam_scan_max_size: int = 2_097_152       # larger messages skip rspamd and spamd
+    builtin_threshold: float = 5.0            # builtin score that makes a message spam
+    builtin_many_recipients: int = 20
+    builtin_volume_min: int = 100             # messages in an hour before a jump counts
+    builtin_volume_factor: float = 10.0       # times the sender's own hourly baseline
+    state_dir: str = "var/abuse"
+
+
 class Config(Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     accounts: list[AccountConfig] = msgspec.field(default_factory=list)
@@ -215,6 +246,7 @@ class Config(Section):
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     archive: ArchiveConfig = msgspec.field(default_factory=ArchiveConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    abuse: AbuseConfig = msgspec.field(default_factory=AbuseConfig)
     # Where the config was read from; relative paths are resolved against base_dir.
     source: str = ""
     base_dir: str = "."
@@ -461,6 +493,46 @@ def validate(config: Config) -> None:
             ipaddress.ip_address(host)
         except ValueError as exc:
             fail("metrics.listen", f"bad listen address: {exc}")
+
+    _validate_abuse(config, fail)
+
+
+def _validate_abuse(config: Config, fail: Any) -> None:
+    ab = config.abuse
+    for key in ("alert_window", "suspend_after"):
+        try:
+            if parse_duration(getattr(ab, key)) <= 0:
+                fail(f"abuse.{key}", "must be positive")
+        except ValueError as exc:
+            fail(f"abuse.{key}", str(exc))
+    if ab.enabled and not ab.scanners:
+        fail("abuse.scanners", "no scanner: list at least one of builtin, rspamd, spamd, clamd "
+                               "(or set enabled = false)")
+    if len(set(ab.scanners)) != len(ab.scanners):
+        fail("abuse.scanners", "a scanner is listed twice")
+    if not ab.rspamd_url.startswith("http://"):
+        fail("abuse.rspamd_url", f"{ab.rspamd_url!r}: use http://host:port (rspamd's normal worker)")
+    for key, value in (("rspamd_url", ab.rspamd_url.removeprefix("http://").partition("/")[0]),
+                       ("spamd", ab.spamd)):
+        try:
+            parse_hostport(value)
+        except ValueError as exc:
+            fail(f"abuse.{key}", str(exc))
+    if not ab.clamd.startswith("/"):
+        try:
+            parse_hostport(ab.clamd)
+        except ValueError as exc:
+            fail("abuse.clamd", f"{exc} (or an absolute unix socket path)")
+    if ab.alert_min_spam < 1:
+        fail("abuse.alert_min_spam", "must be at least 1")
+    if not 0.0 <= ab.alert_spam_ratio <= 1.0:
+        fail("abuse.alert_spam_ratio", "must be between 0 and 1")
+    for key in ("scan_timeout", "builtin_threshold", "builtin_volume_factor"):
+        if getattr(ab, key) <= 0:
+            fail(f"abuse.{key}", "must be positive")
+    for key in ("concurrency", "spam_scan_max_size", "builtin_many_recipients", "builtin_volume_min"):
+        if getattr(ab, key) < 1:
+            fail(f"abuse.{key}", "must be at least 1")
 
 
 def _looks_like_address(value: str) -> bool:

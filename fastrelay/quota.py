@@ -60,7 +60,7 @@ from typing import Any
 
 import msgspec
 
-from . import replies
+from . import events, replies
 from ._core import RateWindow, UniqueWindow
 from .config import Config, LimitSet
 from .policy import Account, RelayDecision, User
@@ -153,6 +153,7 @@ class QuotaBook:
         self.users: dict[str, UserWindows] = {}
         self.orgs: dict[str, OrgWindows] = {}
         self.journal: QuotaJournal | None = None
+        self.refused: dict[str, int] = {}   # refusals per limit, read by metrics.py
         self.apply(config)
 
     def apply(self, config: Config) -> None:
@@ -256,6 +257,9 @@ class QuotaBook:
             decision.user.address if decision.user else "-", current, maximum,
             {"recipients_per_transaction": "transaction", "org_recipients_per_10min": "10m"}.get(limit, "24h"),
         )
+        self.refused[limit] = self.refused.get(limit, 0) + 1
+        events.emit("quota", limit=limit, account=decision.account.name if decision.account else None,
+                    user=decision.user.address if decision.user else None, count=current, maximum=maximum)
         return self.replies[limit]
 
     # -- state ------------------------------------------------------------------

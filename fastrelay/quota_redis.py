@@ -28,7 +28,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from . import replies
+from . import events, replies
 from .config import Config, LimitSet
 from .policy import Account, RelayDecision
 from .quota import DAY, DAY_BUCKETS, DAY_RING_SPAN, PEAK, PEAK_BUCKETS, PEAK_RING_SPAN, QuotaTxn, limit_replies, rcpt_key
@@ -167,6 +167,7 @@ class RedisQuotaBook:
         self._reserve = self.client.register_script(_RESERVE)
         self._release = self.client.register_script(_RELEASE)
         self._background: set[asyncio.Task[None]] = set()
+        self.refused: dict[str, int] = {}   # refusals per limit, read by metrics.py
         self.apply(config)
 
     def apply(self, config: Config) -> None:
@@ -263,4 +264,7 @@ class RedisQuotaBook:
                     decision.user.address if decision.user else "-", current,
                     getattr(txn.limits, limit),
                     {"recipients_per_transaction": "transaction", "org_recipients_per_10min": "10m"}.get(limit, "24h"))
+        self.refused[limit] = self.refused.get(limit, 0) + 1
+        events.emit("quota", limit=limit, account=decision.account.name if decision.account else None,
+                    user=decision.user.address if decision.user else None, count=current, maximum=getattr(txn.limits, limit))
         return self.replies[limit]
