@@ -64,3 +64,10 @@ class UniqueWindow:
     ) -> UniqueWindow: ...
     def _check_invariants(self) -> None: ...
     def _memory_bytes(self) -> int: ...
+
+CONTENT_BARE_NEWLINE: Final[int]
+CONTENT_LEADING_DOT: Final[int]
+CONTENT_8BIT: Final[int]
+
+def scan_content(data: bytes) -> int:
+    """Flags of message content in one pass: bare CR/LF, a line starting with '.', 8-bit bytes."""

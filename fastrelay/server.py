@@ -39,6 +39,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from . import events, replies
+from ._core import CONTENT_8BIT, CONTENT_BARE_NEWLINE, CONTENT_LEADING_DOT, scan_content
 from .addresses import parse_path_argument
 from .config import Config, ServerConfig
 from .errors import SpoolError
@@ -859,17 +860,21 @@ class SmtpSession(asyncio.Protocol):
             return
         content = b"".join(self.chunks)
         self.chunks = []
-        # A bare CR or LF could make a next hop see a different message end
-        # (SMTP smuggling); CRLF counts must match both CR and LF counts.
-        crlf = content.count(b"\r\n")
-        if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+        flags = scan_content(content)  # one compiled pass instead of five
+        if flags & CONTENT_BARE_NEWLINE:
+            # A bare CR or LF could make a next hop see a different message
+            # end (SMTP smuggling).  "normalize" takes a bare LF as CRLF; a
+            # bare CR is refused either way.
+            crlf = content.count(b"\r\n")
             if self.cfg.bare_newline == "reject" or content.count(b"\r") != crlf:
                 self._finish_transaction(replies.BARE_NEWLINE_DATA, "bare CR or LF in content")
                 return
             content = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        # RFC 5321 §4.5.2: remove the leading dot of every line that has one.
-        if content[:1] == b"." or b"\r\n." in content:
+        if flags & CONTENT_LEADING_DOT:
+            # RFC 5321 §4.5.2: remove the leading dot of every line that has one.
             content = (b"\r\n" + content).replace(b"\r\n.", b"\r\n")[2:]
+        if flags & CONTENT_8BIT:
+            self.body_8bit = True
         if len(content) > self.cfg.max_message_size:
             self._finish_transaction(replies.MESSAGE_TOO_BIG, "message too big")
             return
@@ -937,7 +942,7 @@ class SmtpSession(asyncio.Protocol):
             original_sender=decision.original_sender, tls=self.tls_info,
             account=decision.account.name if decision.account else None,
             rule=decision.rule.name if decision.rule else None,
-            smtputf8=self.smtputf8, body_8bit=self.body_8bit or not content.isascii(),
+            smtputf8=self.smtputf8, body_8bit=self.body_8bit,
         )
         return envelope, self._received_header(queue_id, now)
 

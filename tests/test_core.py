@@ -889,3 +889,41 @@ def test_key_hash_is_stable_across_processes() -> None:
                              capture_output=True, text=True).stdout
         results.add(out.strip())
     assert results == {str([key_hash(k) for k in keys])}
+
+
+# -- scan_content: one pass over message content -------------------------------------------
+
+
+def _content_flags_model(data: bytes) -> int:
+    """The obvious, slow definition the compiled pass must match."""
+    from fastrelay._core import CONTENT_8BIT, CONTENT_BARE_NEWLINE, CONTENT_LEADING_DOT
+
+    flags = 0
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        flags |= CONTENT_BARE_NEWLINE
+    if data.startswith(b".") or b"\n." in data:
+        flags |= CONTENT_LEADING_DOT
+    if not data.isascii():
+        flags |= CONTENT_8BIT
+    return flags
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"a", b"\xe9", b" ", b"\r\n.", b"\n."]),
+                max_size=40).map(b"".join))
+@settings(max_examples=2000)
+def test_scan_content_matches_model(data: bytes) -> None:
+    from fastrelay._core import scan_content
+
+    assert scan_content(data) == _content_flags_model(data)
+
+
+def test_scan_content_examples() -> None:
+    from fastrelay._core import CONTENT_8BIT, CONTENT_BARE_NEWLINE, CONTENT_LEADING_DOT, scan_content
+
+    assert scan_content(b"") == 0
+    assert scan_content(b"Subject: x\r\n\r\nbody\r\n") == 0
+    assert scan_content(b"a\nb\r\n") == CONTENT_BARE_NEWLINE
+    assert scan_content(b"a\r\n..b\r\n") == CONTENT_LEADING_DOT
+    assert scan_content(b"caf\xc3\xa9\r\n") == CONTENT_8BIT
+    assert scan_content(b"x\r") == CONTENT_BARE_NEWLINE
