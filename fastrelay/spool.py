@@ -194,10 +194,10 @@ class Location(NamedTuple):
 
 
 class _Batch:
-    __slots__ = ("parts", "futures", "records", "segment", "offset")
+    __slots__ = ("frames", "futures", "records", "segment", "offset")
 
     def __init__(self) -> None:
-        self.parts: list[bytes | bytearray | memoryview] = []
+        self.frames: list[tuple[bytes, bytes, Sequence[bytes | bytearray | memoryview]]] = []
         self.futures: list[asyncio.Future[Location | None]] = []
         # per record, in order: (queue id of a message record or None, env_len, body_len)
         self.records: list[tuple[str | None, int, int]] = []
@@ -306,25 +306,28 @@ class Spool:
     def append_message(self, envelope: Envelope, body: Sequence[bytes | bytearray | memoryview]) -> asyncio.Future[Location | None]:
         """Queue a message record; the future resolves to its Location once fsynced."""
         env = _env_encoder.encode(envelope)
-        parts = frame(KIND_MESSAGE, env, body)
-        return self._append(parts, (envelope.queue_id, len(env), sum(len(p) for p in body)))
+        return self._append(KIND_MESSAGE, env, body, (envelope.queue_id, len(env), sum(map(len, body))))
 
     def append_state(self, state: DeliveryState) -> asyncio.Future[Location | None]:
         """Queue a state record; the future resolves (to None) once fsynced."""
         if state.state == MessageState.DONE:
             self._forget(state.queue_id)
         env = _env_encoder.encode(state)
-        return self._append(frame(KIND_STATE, env, ()), (None, len(env), 0))
+        return self._append(KIND_STATE, env, (), (None, len(env), 0))
 
-    def _append(self, parts: list[bytes | bytearray | memoryview], record: tuple[str | None, int, int]) -> asyncio.Future[Location | None]:
+    def _append(self, kind: bytes, env: bytes, body: Sequence[bytes | bytearray | memoryview],
+                record: tuple[str | None, int, int]) -> asyncio.Future[Location | None]:
         assert self._loop is not None, "Spool.start() not called"
         fut: asyncio.Future[Location | None] = self._loop.create_future()
         with self._lock:
             batch = self._pending
-            batch.parts.extend(parts)
+            # The CRC and header are made on the writer thread (zlib.crc32
+            # releases the GIL on large buffers): the loop only hands over.
+            batch.frames.append((kind, env, body))
             batch.futures.append(fut)
             batch.records.append(record)
-            self._wakeup.notify()
+            if len(batch.futures) == 1:  # the writer may be waiting for work
+                self._wakeup.notify()
         return fut
 
     def _forget(self, queue_id: str) -> None:
@@ -379,7 +382,10 @@ class Spool:
             if self._offset >= SEGMENT_BYTES:
                 self._open_segment(self._segment + 1)
                 start = 0
-            self._writev_all(batch.parts)
+            parts: list[bytes | bytearray | memoryview] = []
+            for kind, env, body in batch.frames:
+                parts += frame(kind, env, body)
+            self._writev_all(parts)
             os.fdatasync(self._fd)
         except OSError as exc:
             # Cut what was partly written so the segment stays a clean log;
