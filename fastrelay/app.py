@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from . import events
+from .abuse import AbuseDesk
 from .archive import ArchiveStage
 from .config import Config, load_config, parse_hostport
 from .control import ControlServer, socket_path
@@ -85,8 +86,12 @@ class Relay:
             await self.quota.connect()
         self.server = SmtpServer(config, policy, self.spool, quota=self.quota, tls_context=tls)
         # Delivery takes over the recovered messages and every new one.  Content
-        # scanning plugs in as QueueManager(..., pre_delivery=hook) (docs/delivery.md).
-        self.delivery = QueueManager(config, self.spool, self.server.queue_ids)
+        # scanning and per-sender abuse control (docs/abuse.md) is the
+        # pre_delivery hook; its suspensions are an overlay on the policy.
+        self.abuse = AbuseDesk(config, self.spool, self.server.queue_ids, policy.directory)
+        policy.suspended = self.abuse.suspended
+        self.delivery = QueueManager(config, self.spool, self.server.queue_ids,
+                                     pre_delivery=self.abuse.pre_delivery)
         self.server.on_queued = self.delivery.on_queued
         # The archive (docs/archive.md): every message is archived before its
         # first delivery attempt (pre_delivery), and archiving starts at once
@@ -98,7 +103,11 @@ class Relay:
             self.delivery.pre_delivery = self.archive.hook(self.delivery.pre_delivery)
             self.server.on_queued = self.archive.on_queued(self.server.on_queued)
         self.delivery.start(recovered)
+        self.abuse.start(self.delivery)
         for name, handler in self.delivery.control_handlers().items():
+            self.control.register(name, handler)
+        # quarantine_* and user_*; its release/delete replace delivery's (a virus needs --force).
+        for name, handler in self.abuse.control_handlers().items():
             self.control.register(name, handler)
         for addr in config.server.listen:
             await self.server.listen(parse_hostport(addr), implicit_tls=False)
@@ -125,8 +134,10 @@ class Relay:
         setup_logging(config)
         events.configure(config)
         self.quota.apply(config)
+        policy.suspended = self.abuse.suspended
         self.server.apply(config, policy, self.quota)
         self.delivery.apply(config)
+        self.abuse.apply(config, policy.directory)
         log.info("reload: config %s loaded (%d account(s), %d user(s))",
                  self.config_path, len(config.accounts), policy.directory.user_count())
 
@@ -136,6 +147,7 @@ class Relay:
         log.info("shutdown: draining connections (up to %.0fs)", self.config.server.drain_timeout)
         await asyncio.gather(self.server.drain(self.config.server.drain_timeout),
                              self.delivery.stop(self.config.server.drain_timeout))
+        await self.abuse.close(self.config.server.drain_timeout)
         if self.archive is not None:
             await self.archive.close(self.config.server.drain_timeout)
         if self.metrics is not None:

@@ -1,4 +1,5 @@
-"""Command line: ``fastrelay serve | check-config | explain | hash-password | queue``."""
+"""Command line: ``fastrelay serve | check-config | explain | hash-password | queue | archive |
+quarantine | user``."""
 
 from __future__ import annotations
 
@@ -201,6 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("queue_id", metavar="QUEUEID")
         q.add_argument("--config", required=True)
         q.set_defaults(func=_cmd_queue_control)
+
+    from .archive import add_commands as add_archive_commands
+
+    add_archive_commands(sub)  # fastrelay archive search | export | verify (docs/archive.md)
+
+    from .abuse import add_commands as add_abuse_commands
+
+    add_abuse_commands(sub)  # fastrelay quarantine ... | user unsuspend ... (docs/abuse.md)
+
+    from .loadgen import add_commands as add_bench_commands
+
+    add_bench_commands(sub)  # fastrelay bench HOST:PORT (docs/benchmarks.md)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

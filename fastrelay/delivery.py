@@ -54,9 +54,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from . import events
 from .bounce import FailedRecipient, build_dsn
 from .config import Config, parse_duration
 from .errors import SpoolError
+from .metrics import DelayHistogram
 from .routing import Destination, NextHop, Router, RoutingError
 from .smtp_client import (
     ClientSettings,
@@ -83,6 +85,8 @@ from .spool import (
 
 log = logging.getLogger("fastrelay.delivery")
 
+_EVENT_OF_OUTCOME = {Outcome.SENT: "delivery", Outcome.DEFERRED: "deferral", Outcome.BOUNCED: "bounce"}
+
 # Bodies up to this size are read on the event loop (a page-cache hit costs
 # microseconds); larger ones in a thread.
 INLINE_READ = 256 * 1024
@@ -91,6 +95,7 @@ INLINE_READ = 256 * 1024
 class VerdictAction(enum.Enum):
     DELIVER = "deliver"
     HOLD = "hold"
+    BOUNCE = "bounce"   # refused: every pending recipient bounces at once (a DSN to the sender)
 
 
 class Verdict(NamedTuple):
@@ -103,10 +108,18 @@ class Verdict(NamedTuple):
 DELIVER = Verdict(VerdictAction.DELIVER)
 
 # The content-scanning stage: called once per message before its first
-# delivery attempt.  HOLD puts it on hold (released with `queue release`).
-# An exception leaves the message incoming and asks again after the first
-# retry_schedule delay.
+# delivery attempt.  HOLD puts it on hold (released with `queue release`);
+# BOUNCE bounces it (status 5.7.1, the reason as diagnostic).  An exception
+# leaves the message incoming and asks again after the first retry_schedule
+# delay.
 PreDelivery = Callable[[Envelope, Location], Awaitable[Verdict]]
+
+
+class PreDeliveryDeferred(Exception):
+    """A pre_delivery hook cannot decide now (e.g. a scanner is down): ask again later.
+
+    The same as any other exception, but logged as one line, without a traceback."""
+
 
 # A control-socket command handler (control.py): request object in, answer out.
 ControlHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -181,6 +194,7 @@ class QueueManager:
         self._idle.set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.counters = {"sent": 0, "deferred": 0, "bounced": 0, "notifications": 0}
+        self.delay_histogram = DelayHistogram()  # read by metrics.py
         self.enabled = False
         self.connections = ConnectionCache(config.delivery.connection_idle_time)
         self.apply(config, router)
@@ -262,6 +276,10 @@ class QueueManager:
         qid = entry.envelope.queue_id
         try:
             verdict = await hook(entry.envelope, entry.location)
+        except PreDeliveryDeferred as exc:
+            log.warning("%s: pre-delivery check deferred: %s; asking again in %.0fs", qid, exc,
+                        self.retry_delays[0])
+            verdict = None
         except Exception:
             log.exception("%s: pre-delivery check failed; asking again in %.0fs", qid, self.retry_delays[0])
             verdict = None
@@ -276,8 +294,23 @@ class QueueManager:
             entry.timer = self.loop.call_later(self.retry_delays[0], self._admit, entry)
         elif verdict.action == VerdictAction.HOLD:
             self._hold(entry, verdict.reason or "pre-delivery check")
+        elif verdict.action == VerdictAction.BOUNCE:
+            self._refuse(entry, verdict.reason or "refused by the pre-delivery check")
         else:
             self._activate(entry)
+
+    def _refuse(self, entry: QueueEntry, reason: str) -> None:
+        """The pre-delivery stage refused the message: an attempt in which every pending
+        recipient bounces, so the usual path writes the DSN and then removes the message."""
+        if self.stopping or entry.attempt is not None:
+            return  # still incoming on disk: checked again at the next start
+        done = set(entry.state.done_recipients)
+        pending = [i for i in range(len(entry.envelope.recipients)) if i not in done]
+        attempt = Attempt(entry, 1)
+        entry.attempt = attempt
+        self.in_flight += 1
+        self._idle.clear()
+        self._job_done(Job(attempt, pending), [bounced(reason, "5.7.1")] * len(pending), None)
 
     def _schedule(self, entry: QueueEntry, when: float) -> None:
         if entry.timer is not None:
@@ -488,6 +521,11 @@ class QueueManager:
             self.counters[result.outcome.value] += 1
             log.info("%s: to=<%s>, relay=%s, delay=%s, dsn=%s, status=%s (%s)", env.queue_id,
                      env.recipients[i], relay, delay, result.dsn, result.outcome.value, result.detail)
+            if result.outcome != Outcome.DEFERRED:
+                self.delay_histogram.observe(now - env.arrival)
+            events.emit(_EVENT_OF_OUTCOME[result.outcome], queue_id=env.queue_id, recipient=env.recipients[i],
+                        relay=relay, delay=round(now - env.arrival, 3), dsn=result.dsn,
+                        status=result.outcome.value, detail=result.detail)
         attempt.jobs_left -= 1
         if attempt.jobs_left == 0:
             self._finish(attempt)
@@ -518,6 +556,8 @@ class QueueManager:
         if pending and not entry.delete_requested and time.time() - env.arrival >= self.lifetime:
             # RFC 5321 §4.5.4.1: give up after the queue lifetime.
             log.info("%s: from=<%s>, status=expired, returned to sender", env.queue_id, env.sender)
+            events.emit("expiry", queue_id=env.queue_id, sender=env.sender, attempts=entry.state.attempts,
+                        recipients=[env.recipients[i] for i, _ in pending])
             for i, result in pending:
                 failed.append((i, result._replace(
                     outcome=Outcome.BOUNCED, dsn="5.4.7",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 import argon2
@@ -261,8 +262,11 @@ _DUMMY_HASH = _hasher.hash("fastrelay-timing-equaliser")
 class RelayPolicy:
     """The relay decision.  Pure and synchronous: no I/O, so it is cheap per MAIL."""
 
-    def __init__(self, directory: Directory) -> None:
+    def __init__(self, directory: Directory, suspended: Container[str] = frozenset()) -> None:
         self.directory = directory
+        # Runtime suspensions (abuse.py: users still sending spam after an alert),
+        # an overlay on the immutable Directory; lower-case addresses.
+        self.suspended = suspended
 
     # -- HELO ------------------------------------------------------------------
 
@@ -363,6 +367,11 @@ class RelayPolicy:
         if registered is not None and not registered[1].may_send:
             state = "is suspended" if registered[1].suspended else "has no mail licence"
             return f"sender {sender} is a registered user who {state}", True
+        if self.suspended:
+            for who, address in (("sender", sender), ("authenticated user", facts.auth_user)):
+                if address and address.lower() in self.suspended:
+                    return (f"{who} {address} is suspended for sending spam "
+                            f"(`fastrelay user unsuspend` restores it)"), True
         mode = rule.allowed_senders
         if mode == SenderMode.REGISTERED_USERS:
             if not sender:
