@@ -319,6 +319,7 @@ class AbuseDesk:
         self.queue_ids = queue_ids
         self.path = state_path(config)  # a new state_dir takes a restart
         self.suspended: set[str] = set()            # policy.py's overlay
+        self.recent_alerts: deque[tuple[float, str, str, str]] = deque(maxlen=10)  # for `fastrelay status`
         self.suspensions: dict[str, Suspension] = {}
         self.senders: dict[str, SenderTrack] = {}
         self.quarantine: dict[str, QuarantineRecord] = {}
@@ -707,6 +708,7 @@ class AbuseDesk:
                 log.error("abuse: cannot queue the %s notice about %s: %s", kind, track.label, exc)
                 return
             self.counters["alerts"] += 1
+            self.recent_alerts.append((now, kind, track.label, qid))
             log.info("%s: abuse %s about %s to %s", qid, kind, track.label, ", ".join(recipients))
             log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", qid, sender, len(content), len(recipients))
             events.emit("abuse_alert", queue_id=qid, notice=kind, subject=track.subject, account=account.name,

@@ -27,6 +27,7 @@ from .policy import Directory, RelayPolicy
 from .quota import QuotaBook, QuotaJournal, make_quota_book
 from .server import SmtpServer
 from .spool import Spool
+from .status import StatusReporter
 from .tlsutil import server_context
 
 log = logging.getLogger("fastrelay")
@@ -109,6 +110,9 @@ class Relay:
         # quarantine_* and user_*; its release/delete replace delivery's (a virus needs --force).
         for name, handler in self.abuse.control_handlers().items():
             self.control.register(name, handler)
+        self.status = StatusReporter(self)
+        self.status.start()
+        self.control.register("status", self.status.handle)
         for addr in config.server.listen:
             await self.server.listen(parse_hostport(addr), implicit_tls=False)
         for addr in config.server.listen_tls:
@@ -147,6 +151,7 @@ class Relay:
         log.info("shutdown: draining connections (up to %.0fs)", self.config.server.drain_timeout)
         await asyncio.gather(self.server.drain(self.config.server.drain_timeout),
                              self.delivery.stop(self.config.server.drain_timeout))
+        self.status.stop()
         await self.abuse.close(self.config.server.drain_timeout)
         if self.archive is not None:
             await self.archive.close(self.config.server.drain_timeout)

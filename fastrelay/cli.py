@@ -162,6 +162,33 @@ def _cmd_queue_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from .control import RelayNotRunning, request, socket_path
+    from .errors import FastrelayError
+    from .status import render
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"fastrelay: {exc}", file=sys.stderr)
+        return 2
+    try:
+        answer = request(socket_path(config.path(config.server.spool_dir)), {"cmd": "status"})
+    except RelayNotRunning as exc:
+        print(f"fastrelay: {exc}", file=sys.stderr)
+        return 1
+    except (FastrelayError, OSError, ValueError) as exc:
+        print(f"fastrelay: control socket: {exc}", file=sys.stderr)
+        return 1
+    if not answer.get("ok"):
+        print(f"fastrelay: {answer.get('error', 'failed')}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2) if args.json else render(answer))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastrelay", description="A high-performance SMTP relay")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     from .abuse import add_commands as add_abuse_commands
 
     add_abuse_commands(sub)  # fastrelay quarantine ... | user unsuspend ... (docs/abuse.md)
+
+    p = sub.add_parser("status", help="a live summary of the running relay (over its control socket)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--json", action="store_true", help="the raw answer as JSON")
+    p.set_defaults(func=_cmd_status)
 
     from .loadgen import add_commands as add_bench_commands
 
