@@ -135,7 +135,7 @@ class FastrelayRelay(Relay):
         super().__init__(work)
         config = self.dir / "relay.toml"
         config.write_text(FASTRELAY_CONFIG.format(
-            host=HOST, port=self.port, level="info",
+            host=HOST, port=self.port, level="info", tls="", users="",
             delivery=DELIVERY_SECTION.format(host=HOST, sink_port=self.sink.port)))
         with open(self.dir / "server.out", "wb") as out:
             self.proc = subprocess.Popen([PYTHON, "-m", "fastrelay", "serve", "--config", str(config)],
@@ -160,8 +160,8 @@ class PostfixRelay(Relay):
             d.mkdir()
         shutil.chown(data, "postfix", "postfix")
         (conf / "main.cf").write_text(POSTFIX_MAIN.format(queue=self.queue, data=data,
-                                                          sink_port=self.sink.port, extra=""))
-        (conf / "master.cf").write_text(POSTFIX_MASTER.format(host=HOST, port=self.port))
+                                                          sink_port=self.sink.port, extra="", tls=""))
+        (conf / "master.cf").write_text(POSTFIX_MASTER.format(host=HOST, port=self.port, implicit=""))
         self.conf = conf
         r = subprocess.run([POSTFIX, "-c", str(conf), "start"], capture_output=True, text=True, check=False)
         if r.returncode != 0:
