@@ -43,9 +43,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -67,13 +67,30 @@ KIB = 1024
 class Case:
     name: str
     sessions: int
-    size: int          # smtp-source -l: payload bytes
+    size: int          # smtp-source -l: payload bytes (fastrelay bench: + SMTP_SOURCE_HEADERS)
     reuse: bool        # smtp-source -d: all of a session's messages on one connection
-    messages: int      # smtp-source -m: total across sessions
+    messages: int      # smtp-source -m: total across sessions (with a duration: the most to send)
+    generator: str = "smtp-source"   # or "bench": fastrelay bench (TLS, AUTH, pipelining)
+    tls: str = ""                    # "", "starttls" or "implicit" (bench only)
+    auth: bool = False               # AUTH PLAIN after TLS (bench only)
+    pipelining: bool = False         # (bench only)
+    duration: float | None = None    # bench only: stop starting messages after this many seconds
+    pause_after_tls: float = 0.0     # bench only: ms between the STARTTLS handshake and EHLO
 
     def describe(self) -> str:
+        extras = [x for x in (
+            {"starttls": "STARTTLS", "implicit": "implicit TLS"}.get(self.tls, ""),
+            "AUTH PLAIN" if self.auth else "", "pipelining" if self.pipelining else "") if x]
+        bound = f", at most {self.duration:g} s" if self.duration else ""
+        if self.pause_after_tls:
+            extras.append(f"{self.pause_after_tls:g} ms pause after the handshake")
         return (f"{self.sessions} session(s), {_size(self.size)}, "
-                f"{'connection reuse' if self.reuse else 'new connection per message'}")
+                f"{'connection reuse' if self.reuse else 'new connection per message'}"
+                + "".join(f", {x}" for x in extras) + f"{bound}; load: {self.generator}")
+
+    def features(self) -> frozenset[str]:
+        return frozenset(f for f in ("tls" if self.tls else "", "implicit" if self.tls == "implicit" else "",
+                                     "auth" if self.auth else "") if f)
 
 
 def _size(n: int) -> str:
@@ -87,6 +104,25 @@ DEFAULT_CASES = [
     Case("1k-reuse", 20, 1 * KIB, True, 8000),
     Case("100k-new", 20, 100 * KIB, False, 2000),
 ]
+
+# TLS and AUTH (issue 7), loaded by fastrelay bench for a fixed time: a server
+# that is slow per message (argon2 on every AUTH) still finishes on time.
+TLS_CASES = [
+    Case("1k-plain-bench-new", 20, 1 * KIB, False, 40000, "bench", duration=8),
+    Case("1k-plain-bench-reuse", 20, 1 * KIB, True, 80000, "bench", duration=8),
+    Case("1k-starttls-new", 20, 1 * KIB, False, 40000, "bench", tls="starttls", duration=8),
+    Case("1k-starttls-reuse", 20, 1 * KIB, True, 80000, "bench", tls="starttls", duration=8),
+    # The same with 1 ms between the handshake and EHLO: see docs/benchmarks.md (Postfix's Nagle stall).
+    Case("1k-starttls-new-pause", 20, 1 * KIB, False, 40000, "bench", tls="starttls", duration=8,
+         pause_after_tls=1.0),
+    Case("1k-tls-new", 20, 1 * KIB, False, 40000, "bench", tls="implicit", duration=8),
+    Case("1k-starttls-auth-new", 20, 1 * KIB, False, 40000, "bench", tls="starttls", auth=True, duration=8),
+    Case("1k-starttls-auth-reuse", 20, 1 * KIB, True, 80000, "bench", tls="starttls", auth=True, duration=8),
+]
+
+# smtp-source -l counts the body only; it adds From, To, Date and Message-Id
+# headers and CRLFs: -l 1024 sends 1,172 bytes of content, -l 102400 102,548.
+SMTP_SOURCE_HEADERS = 148
 
 
 def full_matrix() -> list[Case]:
@@ -194,6 +230,8 @@ class Server:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.port = 0
+        self.tls_port = 0                       # implicit TLS listener, when "implicit" in features
+        self.features: frozenset[str] = frozenset()   # "tls", "implicit", "auth": set by run_once
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = work
 
@@ -224,11 +262,51 @@ class Server:
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def supports(self, features: frozenset[str]) -> bool:
+        return not features
+
     def _spawn(self, argv: list[str], **kw: Any) -> None:
         with open(self.dir / "server.out", "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, **kw)
         wait_banner(self.port, proc=self.proc)
+
+
+# --- TLS and AUTH material shared by the servers --------------------------------------
+
+AUTH_USER = "bench@example.com"
+AUTH_PASSWORD = "bench-password"
+
+
+@dataclass
+class TlsFiles:
+    cert: Path   # leaf + chain
+    key: Path
+    ca: Path     # what the load generator verifies against
+
+
+_TLS: TlsFiles | None = None
+
+
+def tls_files(work: Path) -> TlsFiles:
+    """One test CA and one ECDSA P-256 certificate (trustme) for every server of the suite."""
+    global _TLS
+    if _TLS is None or not _TLS.cert.exists():
+        import trustme
+
+        d = work / "tls"
+        d.mkdir(exist_ok=True)
+        d.chmod(0o755)
+        ca = trustme.CA()
+        leaf = ca.issue_cert("relay.bench.test", "localhost", HOST)
+        cert, key, ca_file = d / "cert.pem", d / "key.pem", d / "ca.pem"
+        leaf.private_key_pem.write_to_path(str(key))
+        cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+        ca.cert_pem.write_to_path(str(ca_file))
+        for p in (cert, key, ca_file):
+            p.chmod(0o644)   # Postfix's smtpd reads them as root, but keep it simple
+        _TLS = TlsFiles(cert, key, ca_file)
+    return _TLS
 
 
 FASTRELAY_CONFIG = """\
@@ -240,10 +318,11 @@ spool_dir = "spool"
 max_connections = 20000
 max_connections_per_ip = 10000
 max_message_size = 52428800
-
+{tls}
 [[accounts]]
 name = "bench"
 domains = ["example.com"]
+{users}
 
 [[accounts.rules]]
 name = "loopback"
@@ -272,13 +351,36 @@ class Fastrelay(Server):
     label = "fastrelay (durable accept)"
     level = "warning"
     delivery_section: str | None = None  # decided once: "[delivery]\nenabled = false\n" if accepted
+    cheap_hash = False     # AUTH: argon2id at the library's defaults (what hash-password makes)
+    _hashes: ClassVar[dict[bool, str]] = {}
+
+    def supports(self, features: frozenset[str]) -> bool:
+        return True
+
+    def password_hash(self) -> str:
+        cheap = type(self).cheap_hash
+        if cheap not in Fastrelay._hashes:
+            import argon2
+
+            hasher = (argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1) if cheap
+                      else argon2.PasswordHasher())
+            Fastrelay._hashes[cheap] = hasher.hash(AUTH_PASSWORD)
+        return Fastrelay._hashes[cheap]
 
     def config_text(self) -> str:
         cls = type(self)
         if Fastrelay.delivery_section is None:
             Fastrelay.delivery_section = self._probe_delivery()
+        tls = users = ""
+        if "tls" in self.features:
+            files = tls_files(self.work)
+            tls = f'tls_cert = "{files.cert}"\ntls_key = "{files.key}"\n'
+            if "implicit" in self.features:
+                tls += f'listen_tls = ["{HOST}:{self.tls_port}"]\n'
+        if "auth" in self.features:
+            users = f'\n[[accounts.users]]\naddress = "{AUTH_USER}"\npasswords = ["{self.password_hash()}"]\n'
         return FASTRELAY_CONFIG.format(host=HOST, port=self.port, level=cls.level,
-                                       delivery=Fastrelay.delivery_section)
+                                       delivery=Fastrelay.delivery_section, tls=tls, users=users)
 
     def _probe_delivery(self) -> str:
         """The [delivery] section is new: use it if this fastrelay accepts it, else leave it out."""
@@ -286,7 +388,8 @@ class Fastrelay(Server):
         probe.mkdir(exist_ok=True)
         section = "\n[delivery]\nenabled = false\n"
         cfg = probe / "relay.toml"
-        cfg.write_text(FASTRELAY_CONFIG.format(host=HOST, port=2525, level="warning", delivery=section))
+        cfg.write_text(FASTRELAY_CONFIG.format(host=HOST, port=2525, level="warning", delivery=section,
+                                               tls="", users=""))
         r = subprocess.run([PYTHON, "-m", "fastrelay", "check-config", "--config", str(cfg)],
                            capture_output=True, text=True, check=False)
         shutil.rmtree(probe, ignore_errors=True)
@@ -298,6 +401,7 @@ class Fastrelay(Server):
     def start(self) -> None:
         self.fresh_dir()
         self.port = free_port()
+        self.tls_port = free_port() if "implicit" in self.features else 0
         self.config = self.dir / "relay.toml"
         self.config.write_text(self.config_text())
         self._spawn([PYTHON, "-m", "fastrelay", "serve", "--config", str(self.config)])
@@ -306,6 +410,15 @@ class Fastrelay(Server):
         from fastrelay.spool import Spool
 
         return len(Spool(self.dir / "spool").scan())
+
+
+class FastrelayCheapHash(Fastrelay):
+    name = "fastrelay-cheaphash"
+    label = "fastrelay, AUTH password hashed with argon2id t=1 m=1 MiB (AUTH's protocol cost without the hash's)"
+    cheap_hash = True
+
+    def supports(self, features: frozenset[str]) -> bool:
+        return "auth" in features
 
 
 class FastrelayInfo(Fastrelay):
@@ -391,8 +504,38 @@ smtpd_client_message_rate_limit = 0
 smtpd_client_recipient_rate_limit = 0
 default_destination_concurrency_limit = 50
 message_size_limit = 52428800
+{tls}
 {extra}
 """
+
+POSTFIX_TLS = """\
+# TLS (fastrelay bench --starttls / --tls): the suite's certificate, no session cache
+smtpd_tls_cert_file = {cert}
+smtpd_tls_key_file = {key}
+smtpd_tls_security_level = may
+smtpd_tls_loglevel = 0
+smtpd_tls_session_cache_database =
+tls_random_source = dev:/dev/urandom
+"""
+
+POSTFIX_SASL = """\
+# AUTH: Cyrus SASL with a sasldb (auxprop: the secret is stored in the clear)
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = cyrus
+smtpd_sasl_path = smtpd
+cyrus_sasl_config_path = {sasl_dir}
+smtpd_tls_auth_only = yes
+smtpd_sasl_security_options = noanonymous
+"""
+
+CYRUS_SMTPD_CONF = """\
+pwcheck_method: auxprop
+auxprop_plugin: sasldb
+mech_list: PLAIN LOGIN
+sasldb_path: {sasldb}
+"""
+
+SASLPASSWD2 = shutil.which("saslpasswd2") or "/usr/sbin/saslpasswd2"
 
 POSTFIX_MASTER = """\
 # Generated by bench/e2e.py: one loopback listener, nothing chrooted.
@@ -417,7 +560,8 @@ discard   unix  -       -       n       -       -       discard
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+{implicit}"""
 
 QUEUE_SUBDIRS = ("maildrop", "incoming", "active", "deferred", "hold")
 
@@ -435,9 +579,29 @@ class Postfix(Server):
         for d in (conf, self.queue, data):
             d.mkdir()
         shutil.chown(data, "postfix", "postfix")
+        tls, implicit = "", ""
+        if "tls" in self.features:
+            files = tls_files(self.work)
+            tls = POSTFIX_TLS.format(cert=files.cert, key=files.key)
+        if "implicit" in self.features:
+            self.tls_port = free_port()
+            implicit = (f"{HOST}:{self.tls_port} inet n - n - - smtpd\n"
+                        "  -o smtpd_tls_wrappermode=yes\n  -o smtpd_tls_security_level=encrypt\n")
+        if "auth" in self.features:
+            # Debian's Postfix reads $config_directory/sasl/smtpd.conf (its patch 07_sasl_config),
+            # whatever cyrus_sasl_config_path says: put it there and set both.
+            sasl_dir = conf / "sasl"
+            sasl_dir.mkdir()
+            sasldb = sasl_dir / "sasldb2"
+            user, realm = AUTH_USER.split("@")
+            subprocess.run([SASLPASSWD2, "-p", "-c", "-f", str(sasldb), "-u", realm, user],
+                           input=AUTH_PASSWORD.encode(), check=True, capture_output=True)
+            shutil.chown(sasldb, "postfix", "postfix")
+            (sasl_dir / "smtpd.conf").write_text(CYRUS_SMTPD_CONF.format(sasldb=sasldb))
+            tls += POSTFIX_SASL.format(sasl_dir=sasl_dir)
         (conf / "main.cf").write_text(POSTFIX_MAIN.format(
-            queue=self.queue, data=data, sink_port=self.sink_port, extra=self.extra))
-        (conf / "master.cf").write_text(POSTFIX_MASTER.format(host=HOST, port=self.port))
+            queue=self.queue, data=data, sink_port=self.sink_port, extra=self.extra, tls=tls))
+        (conf / "master.cf").write_text(POSTFIX_MASTER.format(host=HOST, port=self.port, implicit=implicit))
         self.conf = conf
         with open(self.dir / "sink.out", "wb") as sink_log:
             self.sink = subprocess.Popen([SMTP_SINK, "-u", "nobody", f"{HOST}:{self.sink_port}", "4096"],
@@ -453,6 +617,9 @@ class Postfix(Server):
 
     def root_pid(self) -> int:
         return int((self.queue / "pid" / "master.pid").read_text().split()[0])
+
+    def supports(self, features: frozenset[str]) -> bool:
+        return "auth" not in features or Path(SASLPASSWD2).exists()
 
     def queued(self) -> int:
         n = 0
@@ -540,7 +707,8 @@ class Haraka(Server):
 
 
 SERVERS: dict[str, type[Server]] = {
-    cls.name: cls for cls in (Fastrelay, FastrelayInfo, Postfix, PostfixHold, Aiosmtpd, Floor, Sink, Haraka)
+    cls.name: cls for cls in (Fastrelay, FastrelayInfo, FastrelayCheapHash, Postfix, PostfixHold, Aiosmtpd,
+                              Floor, Sink, Haraka)
 }
 DEFAULT_SERVERS = ["fastrelay", "postfix", "postfix-hold", "aiosmtpd", "floor", "sink"]
 
@@ -564,6 +732,11 @@ class Run:
     ok: bool
     command: str
     note: str = ""
+    generator: str = "smtp-source"
+    wall_seconds: float = 0.0  # the generator process's wall time (bench: rate uses its own clock)
+    connections: int = 0       # bench only
+    p50_ms: float = float("nan")   # bench only: per message latency
+    p99_ms: float = float("nan")
 
 
 def smtp_source_argv(case: Case, port: int) -> list[str]:
@@ -574,23 +747,54 @@ def smtp_source_argv(case: Case, port: int) -> list[str]:
     return argv + [f"{HOST}:{port}"]
 
 
-def run_once(server: Server, case: Case, rnd: int, timeout: float) -> Run:
+def bench_argv(case: Case, server: Server, timeout: float) -> list[str]:
+    """fastrelay bench with the same message as smtp-source -l SIZE (headers added to the size)."""
+    port = server.tls_port if case.tls == "implicit" else server.port
+    argv = [PYTHON, "-m", "fastrelay", "bench", f"{HOST}:{port}", "--sessions", str(case.sessions),
+            "--count", str(case.messages), "--size", str(case.size + SMTP_SOURCE_HEADERS),
+            "--messages-per-connection", "0" if case.reuse else "1", "--helo", "client.example.com",
+            "--to", "to@example.net", "--timeout", str(timeout), "--json"]
+    if case.duration:
+        argv += ["--duration", f"{case.duration:g}"]
+    if case.tls:
+        argv += ["--starttls" if case.tls == "starttls" else "--tls", "--cafile", str(tls_files(server.work).ca)]
+    if case.auth:
+        argv += ["--auth", f"{AUTH_USER}:{AUTH_PASSWORD}", "--from", AUTH_USER]
+    else:
+        argv += ["--from", "from@example.com"]
+    if case.pipelining:
+        argv.append("--pipelining")
+    if case.pause_after_tls:
+        argv += ["--pause-after-tls", f"{case.pause_after_tls:g}"]
+    return argv
+
+
+def run_once(server: Server, case: Case, rnd: int, timeout: float, generator: str | None = None) -> Run:
+    """One load run against a fresh server; ``generator`` overrides the case's."""
+    generator = generator or case.generator
+    server.features = case.features()
     server.start()
+    bench_out: dict[str, Any] = {}
     try:
-        argv = smtp_source_argv(case, server.port)
+        argv = smtp_source_argv(case, server.port) if generator == "smtp-source" else bench_argv(case, server, timeout)
         root = server.root_pid()
         cpu0, busy0 = tree_cpu(root), machine_busy()
         t0 = time.perf_counter()
-        with open(server.dir / "smtp-source.err", "w+b") as err:
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
-            killer = threading.Timer(timeout, proc.kill)
+        with open(server.dir / "load.err", "w+b") as err, open(server.dir / "load.out", "w+b") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+            killer = threading.Timer(timeout + 30, proc.kill)
             killer.start()
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
             seconds = time.perf_counter() - t0
             killer.cancel()
             cpu1 = tree_cpu(root)
-            server.settle(case.messages, timeout)
+            if generator == "bench":
+                out.seek(0)
+                with contextlib.suppress(ValueError):
+                    bench_out = json.loads(out.read().decode(errors="replace") or "{}")
+            sent = int(bench_out.get("sent", 0)) if generator == "bench" else case.messages
+            server.settle(sent, timeout)
             cpu2, busy2 = tree_cpu(root), machine_busy()
             client_cpu = usage.ru_utime + usage.ru_stime
             err.seek(0)
@@ -601,17 +805,36 @@ def run_once(server: Server, case: Case, rnd: int, timeout: float) -> Run:
     finally:
         server.stop()
     stored = server.stored()
-    ok = proc.returncode == 0 and (stored is None or stored == case.messages)
     note = ""
-    if proc.returncode != 0:
-        note = f"smtp-source exit {proc.returncode}: {errors[-300:]}"
-    elif stored is not None and stored != case.messages:
-        note = f"stored {stored} of {case.messages}"
-    elif errors:
-        note = errors[-200:]
+    if generator == "bench":
+        # Its own clock (first message -> last 250): Python's start-up is not load.
+        load_seconds = float(bench_out.get("seconds") or seconds)
+        ok = bool(bench_out) and sent > 0 and (stored is None or stored == sent)
+        if bench_out.get("errors"):
+            note = "errors: " + ", ".join(f"{k} x{v}" for k, v in bench_out["errors"].items())
+            examples = bench_out.get("error_examples") or {}
+            note += " (" + "; ".join(f"{k}: {v}" for k, v in list(examples.items())[:2]) + ")"
+            ok = False
+        elif not bench_out:
+            note = f"fastrelay bench exit {proc.returncode}: {errors[-300:]}"
+        elif stored is not None and stored != sent:
+            note = f"stored {stored} of {sent}"
+    else:
+        load_seconds = seconds
+        ok = proc.returncode == 0 and (stored is None or stored == case.messages)
+        if proc.returncode != 0:
+            note = f"smtp-source exit {proc.returncode}: {errors[-300:]}"
+        elif stored is not None and stored != case.messages:
+            note = f"stored {stored} of {case.messages}"
+        elif errors:
+            note = errors[-200:]
     server.cleanup()
-    return Run(case.name, server.name, rnd, case.messages, seconds, case.messages / seconds,
-               server_cpu, cpu1 - cpu0, client_cpu, other, stored, ok, " ".join(argv), note)
+    latency = bench_out.get("latency_ms") or {}
+    return Run(case.name, server.name, rnd, sent, load_seconds, sent / load_seconds if load_seconds > 0 else 0.0,
+               server_cpu, cpu1 - cpu0, client_cpu, other, stored, ok, " ".join(argv), note,
+               generator=generator, wall_seconds=seconds,
+               connections=int(bench_out.get("connections", 0)),
+               p50_ms=latency.get("p50") or float("nan"), p99_ms=latency.get("p99") or float("nan"))
 
 
 # --- the suite ------------------------------------------------------------------------
@@ -676,10 +899,15 @@ class Summary:
         return median([1000 * r.server_cpu / r.messages for r in self.runs.get(server, []) if r.ok])
 
     def client_cores(self, server: str) -> float:
-        return median([r.client_cpu / r.seconds for r in self.runs.get(server, []) if r.ok])
+        return median([r.client_cpu / (r.wall_seconds or r.seconds) for r in self.runs.get(server, []) if r.ok])
 
     def other_cores(self) -> float:
-        return median([r.other_cpu / r.seconds for rs in self.runs.values() for r in rs])
+        return median([r.other_cpu / (r.wall_seconds or r.seconds) for rs in self.runs.values() for r in rs])
+
+    def latency(self, server: str) -> tuple[float, float]:
+        """Median p50 and p99 per message over runs (fastrelay bench only)."""
+        runs = [r for r in self.runs.get(server, []) if r.ok and r.generator == "bench"]
+        return median([r.p50_ms for r in runs]), median([r.p99_ms for r in runs])
 
     def ratio(self, a: str, b: str) -> float:
         """Median over rounds of rate(a)/rate(b) measured in the same round."""
@@ -710,7 +938,8 @@ def report(summaries: list[Summary], servers: list[str], meta: dict[str, Any]) -
     lines.append("")
     lines.append("## Ratios (fastrelay messages/s divided by the other's, same round)")
     lines.append("")
-    others = [s for s in ("postfix", "postfix-hold", "aiosmtpd", "floor", "sink", "haraka") if s in servers]
+    others = [s for s in ("fastrelay-cheaphash", "postfix", "postfix-hold", "aiosmtpd", "floor", "sink", "haraka")
+              if s in servers]
     lines.append("| case | fastrelay msg/s | " + " | ".join(f"/ {o}" for o in others) + " |")
     lines.append("|---|---:|" + "---:|" * len(others))
     for s in summaries:
@@ -724,18 +953,24 @@ def report(summaries: list[Summary], servers: list[str], meta: dict[str, Any]) -
         lines.append(f"Other load on the machine during these runs (median, cores busy outside server and client): "
                      f"{fmt(s.other_cores(), 2)}")
         lines.append("")
-        lines.append("| server | msg/s (median) | runs msg/s | server CPU ms/msg | smtp-source cores | stored | fastrelay / this |")
-        lines.append("|---|---:|---|---:|---:|---|---:|")
+        bench = c.generator == "bench"
+        gen = "fastrelay bench" if bench else "smtp-source"
+        lat_head = " p50 ms | p99 ms |" if bench else ""
+        lines.append(f"| server | msg/s (median) | runs msg/s | server CPU ms/msg | {gen} cores |{lat_head} "
+                     "stored | fastrelay / this |")
+        lines.append("|---|---:|---|---:|---:|" + ("---:|---:|" if bench else "") + "---|---:|")
         for name in servers:
             runs = s.runs.get(name)
             if not runs:
                 continue
             stored = ", ".join("-" if r.stored is None else str(r.stored) for r in runs)
             bad = [r.note for r in runs if r.note]
+            p50, p99 = s.latency(name)
             lines.append(
                 f"| {name} | {fmt(s.rate(name))} | {' / '.join(fmt(r.rate) + ('' if r.ok else '!') for r in runs)} | "
-                f"{fmt(s.cpu_ms(name), 3)} | {fmt(s.client_cores(name), 2)} | {stored} | "
-                f"{fmt(s.ratio('fastrelay', name), 2) if name != 'fastrelay' else ''} |"
+                f"{fmt(s.cpu_ms(name), 3)} | {fmt(s.client_cores(name), 2)} |"
+                + (f" {fmt(p50, 2)} | {fmt(p99, 2)} |" if bench else "")
+                + f" {stored} | {fmt(s.ratio('fastrelay', name), 2) if name != 'fastrelay' else ''} |"
                 + (f" {'; '.join(sorted(set(bad)))[:300]}" if bad else "")
             )
         lines.append("")
@@ -783,24 +1018,36 @@ def chart(summaries: list[Summary], servers: list[str], path: Path) -> bool:
 
 
 def select_cases(args: argparse.Namespace) -> list[Case]:
-    pool = {c.name: c for c in DEFAULT_CASES + full_matrix()}
+    pool = {c.name: c for c in DEFAULT_CASES + full_matrix() + TLS_CASES}
     if args.cases:
         unknown = [c for c in args.cases if c not in pool]
         if unknown:
             sys.exit(f"unknown case(s) {unknown}; known: {', '.join(pool)}")
         cases = [pool[c] for c in args.cases]
+    elif getattr(args, "tls", False):
+        cases = list(TLS_CASES)
+    elif getattr(args, "check_generator", False):
+        cases = [pool["1k-new"], pool["1k-reuse"]]
     else:
         cases = DEFAULT_CASES + (full_matrix() if args.full else [])
     if args.quick:
-        cases = [Case(c.name, c.sessions, c.size, c.reuse, max(c.messages // 5, 2 * c.sessions, 10)) for c in cases]
+        cases = [replace(c, messages=max(c.messages // 5, 2 * c.sessions, 10),
+                         duration=c.duration / 4 if c.duration else None) for c in cases]
     if args.messages:
-        cases = [Case(c.name, c.sessions, c.size, c.reuse, args.messages) for c in cases]
+        cases = [replace(c, messages=args.messages) for c in cases]
     return cases
+
+
+# The generator check: each server loaded by both generators, same case, same round.
+GENERATOR_CHECK = [("fastrelay", "smtp-source"), ("fastrelay", "bench"), ("sink", "smtp-source"), ("sink", "bench")]
+TLS_SERVERS = ["fastrelay", "fastrelay-cheaphash", "postfix", "postfix-hold"]
 
 
 def run_suite(args: argparse.Namespace) -> int:
     cases = select_cases(args)
-    servers = list(args.servers or DEFAULT_SERVERS)
+    servers = list(args.servers or (TLS_SERVERS if args.tls else DEFAULT_SERVERS))
+    if args.tls or args.check_generator:
+        args.no_haraka = args.no_info = True
     if args.haraka and not args.no_haraka and (Path(args.haraka) / "node_modules" / "Haraka").is_dir():
         Haraka.install_dir = Path(args.haraka)
         if not args.servers:
@@ -811,10 +1058,15 @@ def run_suite(args: argparse.Namespace) -> int:
         servers.insert(0, "fastrelay")
     if not args.no_info and "fastrelay-info" not in servers:
         servers.insert(1, "fastrelay-info")
+    # (label, server, generator or None for the case's own)
+    entries: list[tuple[str, str, str | None]] = [(n, n, None) for n in servers]
+    if args.check_generator:
+        entries = [(f"{srv} <- {gen}", srv, gen) for srv, gen in GENERATOR_CHECK
+                   if not args.servers or srv in args.servers]
     WORK_BASE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="e2e-", dir=WORK_BASE))
     work.chmod(0o755)
-    instances = {name: SERVERS[name](work) for name in servers}
+    instances = {srv: SERVERS[srv](work) for _, srv, _ in entries}
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t_start = time.monotonic()
     meta: dict[str, Any] = {"started": started, "argv": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -824,29 +1076,38 @@ def run_suite(args: argparse.Namespace) -> int:
         for case in cases:
             s = Summary(case)
             summaries.append(s)
-            names = [n for n in servers if n != "fastrelay-info" or case.name == "1k-reuse"]
+            todo = [e for e in entries if (e[1] != "fastrelay-info" or case.name == "1k-reuse")
+                    and instances[e[1]].supports(case.features())]
             for rnd in range(args.runs):
-                order = names if rnd % 2 == 0 else names[::-1]
-                for name in order:
-                    r = run_once(instances[name], case, rnd, args.timeout)
-                    s.runs.setdefault(name, []).append(r)
-                    print(f"{case.name:>22} round {rnd} {name:>15}: {r.rate:9,.0f} msg/s  "
-                          f"cpu {1000 * r.server_cpu / r.messages:6.3f} ms/msg  "
-                          f"client {r.client_cpu / r.seconds:4.2f} cores  other {r.other_cpu / r.seconds:4.2f} cores"
-                          f"{'' if r.ok else '  FAILED ' + r.note}", flush=True)
+                order = todo if rnd % 2 == 0 else todo[::-1]
+                for label, srv, gen in order:
+                    r = run_once(instances[srv], case, rnd, args.timeout, gen)
+                    r.server = label
+                    s.runs.setdefault(label, []).append(r)
+                    print(f"{case.name:>22} round {rnd} {label:>22}: {r.rate:9,.0f} msg/s  "
+                          f"cpu {1000 * r.server_cpu / max(r.messages, 1):6.3f} ms/msg  "
+                          f"client {r.client_cpu / r.wall_seconds:4.2f} cores  "
+                          f"other {r.other_cpu / r.wall_seconds:4.2f} cores"
+                          + (f"  p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f} ms" if r.generator == "bench" else "")
+                          + f"{'' if r.ok else '  FAILED ' + r.note}", flush=True)
     except KeyboardInterrupt:
         print("interrupted: reporting what ran", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     meta["elapsed"] = time.monotonic() - t_start
     meta["loadavg_end"] = str(Path("/proc/loadavg").read_text().split(" ", 3)[:3])
-    shown = [n for n in servers if any(n in s.runs for s in summaries)]
-    text = report(summaries, shown, meta)
+    shown = [e[0] for e in entries if any(e[0] in s.runs for s in summaries)]
+    if args.check_generator:
+        text = report_generator_check(summaries, meta)
+        prefix = "generator-check-"
+    else:
+        text = report(summaries, shown, meta)
+        prefix = "e2e-tls-" if args.tls else "e2e-"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / ("e2e-" + time.strftime("%Y%m%d-%H%M%S"))
+    stem = out_dir / (prefix + time.strftime("%Y%m%d-%H%M%S"))
     png = stem.with_suffix(".png")
-    if chart(summaries, [n for n in shown if n != "fastrelay-info"], png):
+    if not args.check_generator and chart(summaries, [n for n in shown if n != "fastrelay-info"], png):
         text += f"\n![messages/s per case]({png.name})\n"
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps(
@@ -856,6 +1117,39 @@ def run_suite(args: argparse.Namespace) -> int:
     print(text)
     print(f"written: {stem}.md, .json" + (", .png" if png.exists() else ""))
     return 0 if all(r.ok for s in summaries for rs in s.runs.values() for r in rs) else 1
+
+
+def report_generator_check(summaries: list[Summary], meta: dict[str, Any]) -> str:
+    """smtp-source against fastrelay bench, on the same servers, in the same rounds."""
+    lines = [f"# Load generators compared: smtp-source and fastrelay bench, {meta['started']}", "",
+             "Command: `" + meta["argv"] + "`  ",
+             (f"Runs: {meta['runs']} interleaved rounds; wall time {meta['elapsed']:.0f} s; "
+              f"loadavg at start {meta['machine']['loadavg at start']}, at end {meta['loadavg_end']}."), "",
+             ("Both send the same message (smtp-source -l 1024: 1,172 bytes of content; fastrelay bench "
+              f"--size {1024 + SMTP_SOURCE_HEADERS}), one recipient, no pipelining, to a fresh server per run. "
+              "smtp-source's rate is over its process's wall time; fastrelay bench's over its own clock "
+              "(first message to last 250, without Python's start-up)."), "",
+             ("| case | server | smtp-source msg/s | bench msg/s | bench / smtp-source (same round) | "
+              "runs smtp-source | runs bench | server CPU ms/msg (src / bench) | generator cores (src / bench) |"),
+             "|---|---|---:|---:|---:|---|---|---|---|"]
+    for s in summaries:
+        for srv in dict.fromkeys(label.split(" <- ")[0] for label in s.runs):
+            a, b = f"{srv} <- smtp-source", f"{srv} <- bench"
+            runs_a = " / ".join(fmt(r.rate) + ("" if r.ok else "!") for r in s.runs.get(a, []))
+            runs_b = " / ".join(fmt(r.rate) + ("" if r.ok else "!") for r in s.runs.get(b, []))
+            lines.append(f"| {s.case.name} | {srv} | {fmt(s.rate(a))} | {fmt(s.rate(b))} | "
+                         f"{fmt(s.ratio(b, a), 2)} | {runs_a} | {runs_b} | "
+                         f"{fmt(s.cpu_ms(a), 3)} / {fmt(s.cpu_ms(b), 3)} | "
+                         f"{fmt(s.client_cores(a), 2)} / {fmt(s.client_cores(b), 2)} |")
+    notes = sorted({f"{r.server} round {r.round}: {r.note}" for s in summaries for rs in s.runs.values()
+                    for r in rs if r.note})
+    if notes:
+        lines += ["", "Notes:", *(f"- {n[:300]}" for n in notes)]
+    lines += ["", "Load commands (ports differ per run):", ""]
+    for s in summaries:
+        for rs in s.runs.values():
+            lines.append(f"    {rs[0].command}")
+    return "\n".join(lines) + "\n"
 
 
 # --- profiling -------------------------------------------------------------------------
@@ -868,6 +1162,7 @@ def profile(args: argparse.Namespace) -> int:
     WORK_BASE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="profile-", dir=WORK_BASE))
     server = Fastrelay(work)
+    server.features = case.features()
     server.start()
     raw = work / "profile.txt"
     spy = subprocess.Popen([py_spy, "record", "--pid", str(server.root_pid()), "--rate", str(args.rate),
@@ -877,7 +1172,9 @@ def profile(args: argparse.Namespace) -> int:
     time.sleep(1.0)  # let py-spy attach
     try:
         t0 = time.perf_counter()
-        r = subprocess.run(smtp_source_argv(case, server.port), capture_output=True, timeout=args.timeout,
+        argv = (smtp_source_argv(case, server.port) if case.generator == "smtp-source"
+                else bench_argv(case, server, args.timeout))
+        r = subprocess.run(argv, capture_output=True, timeout=args.timeout,
                            check=False)
         seconds = time.perf_counter() - t0
     finally:
@@ -887,12 +1184,13 @@ def profile(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             spy.kill()
         server.stop()
+    stored = server.stored() or 0
     head = (f"`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}` ({time.strftime('%Y-%m-%d %H:%M:%S')}, "
             f"loadavg {Path('/proc/loadavg').read_text().split(' ', 3)[:3]})\n"
-            f"{case.name} ({case.describe()}): {case.messages} messages in {seconds:.2f}s = "
-            f"{case.messages / seconds:,.0f} msg/s under py-spy --rate {args.rate}"
+            f"{case.name} ({case.describe()}): {stored} messages stored in {seconds:.2f}s = "
+            f"{stored / seconds:,.0f} msg/s under py-spy --rate {args.rate}"
             f"{' --gil' if args.gil else ''}{' --native' if args.native else ''} "
-            f"(smtp-source exit {r.returncode}); stored {server.stored()}\n\n")
+            f"({case.generator} exit {r.returncode})\n\n")
     text = head + summarize_profile(raw.read_text() if raw.exists() else "", args.top)
     print(text)
     out_dir = Path(args.out)
@@ -986,6 +1284,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-haraka", action="store_true", help="leave Haraka out even if installed")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds before a run is killed (default 300)")
     ap.add_argument("--out", default=str(BENCH / "results"), help="where reports go (default bench/results)")
+    ap.add_argument("--tls", action="store_true",
+                    help="the TLS and AUTH suite: fastrelay bench with STARTTLS / implicit TLS / AUTH against "
+                         "fastrelay and Postfix (cases " + ", ".join(c.name for c in TLS_CASES) + ")")
+    ap.add_argument("--check-generator", action="store_true",
+                    help="smtp-source and fastrelay bench against the same servers (fastrelay, sink), "
+                         "1k-new and 1k-reuse: do the generators agree?")
     ap.add_argument("--profile", metavar="CASE", help="profile fastrelay with py-spy under CASE instead")
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second (with --profile)")
     ap.add_argument("--native", action="store_true", help="py-spy --native (with --profile)")

@@ -135,6 +135,10 @@ class ControlServer:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+            except OSError as exc:
+                # A spool gone read-only (a failing disk) must not stop the shutdown;
+                # the next start removes the stale socket.
+                log.warning("control: cannot remove %s: %s", self.path, exc)
 
 
 def _encode(answer: dict[str, Any]) -> bytes:

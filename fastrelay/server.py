@@ -275,7 +275,8 @@ class SmtpSession(asyncio.Protocol):
         self.esmtp = False
         self.auth_user: str | None = None
         self.last_activity = 0.0
-        self.reading_paused = False
+        self.reading_paused = False     # paused while busy with a pipelined backlog
+        self.writing_paused = False     # paused while the client does not read its replies
         self._auth_login_user = ""
         self.command: Any = "CONNECT"   # the handler of the last command: the stage of a refusal
         # Replies to the commands of the current read, not yet written; a
@@ -353,7 +354,11 @@ class SmtpSession(asyncio.Protocol):
     # -- input ---------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = self.server.loop.time()
+        # Only a read that completes a line restarts the timeout (a per-line
+        # deadline, as Postfix's smtpd_per_record_deadline): a client that
+        # trickles a byte at a time is cut off at the timeout all the same.
+        if b"\n" in data:
+            self.last_activity = self.server.loop.time()
         if self.closing or self.tls_pending:
             return  # RFC 3207 §4.2: nothing sent before the TLS handshake counts
         if self.state == State.DATA and not self.busy:
@@ -437,6 +442,20 @@ class SmtpSession(asyncio.Protocol):
             return MAX_AUTH_LINE
         return MAX_AUTH_LINE if buf[pos:pos + 5].upper() == b"AUTH " else MAX_COMMAND_LINE
 
+    # -- flow control ------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        # The client pipelines commands without reading the replies: stop
+        # reading until it catches up, or the replies pile up in memory.
+        self.writing_paused = True
+        if not self.reading_paused and not self.closing:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if not self.reading_paused and not self.closing:
+            self.transport.resume_reading()
+
     # -- async replies -----------------------------------------------------------
 
     def _defer(self, work: Awaitable[bytes]) -> None:
@@ -471,7 +490,8 @@ class SmtpSession(asyncio.Protocol):
             return
         if self.reading_paused:
             self.reading_paused = False
-            self.transport.resume_reading()
+            if not self.writing_paused:
+                self.transport.resume_reading()
         if self.buffer:
             self._drain_lines()
 

@@ -1,0 +1,169 @@
+"""Next-hop faults: fastrelay retries and delivers every message, once (beyond the documented window).
+
+The next hop is ``ScriptedHop`` (hop.py), a raw SMTP server that refuses,
+says 421 mid-session, drops the connection in DATA or right after the final
+dot, or stalls, on the connections it is told to.  The relay routes every
+domain to it with short timeouts and a one-second retry.  Checked for each
+fault: the message is deferred for the right reason (the log), retried, and
+in the end acknowledged by the hop exactly once; the hop holds a second copy
+only after a fault after the final dot (RFC 1047: the relay cannot know the
+message arrived), which the relay logs as "message may be sent more than
+once" (docs/delivery.md, the duplicate window).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import smtplib
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+from conftest import RelayProcess, queue_id_of
+
+from .helpers import delivery_to, wait_for
+from .hop import AFTER_THE_DOT, FAULTS, Reception, ScriptedHop
+
+SENDER = "alice@example.com"
+HELO = "client.example.com"
+TOKEN = re.compile(rb"^Subject: hop (\S+)\r\n", re.MULTILINE)
+
+
+def body(token: str) -> bytes:
+    lines = [f"Subject: hop {token}", f"Message-ID: <{token}@example.com>", ""]
+    lines += [("." if i % 5 == 0 else "") + f"{token} line {i} " + "z" * 50 for i in range(12)]
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def send(relay: RelayProcess, tokens: list[str]) -> dict[str, str]:
+    """Send one message per token over one session; token -> queue id."""
+    ids = {}
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname=HELO, timeout=15) as smtp:
+        smtp.ehlo()
+        for token in tokens:
+            code, text = smtp.mail(SENDER)
+            assert code == 250, text
+            code, text = smtp.rcpt(f"{token}@dest.test")
+            assert code == 250, text
+            code, text = smtp.data(body(token))
+            assert code == 250, text
+            ids[token] = queue_id_of(text)
+    return ids
+
+
+def token_of(reception: Reception) -> str:
+    m = TOKEN.search(reception.content)
+    assert m is not None, reception.content[:200]
+    return m.group(1).decode()
+
+
+def check_receptions(hop: ScriptedHop, tokens: list[str]) -> tuple[Counter[str], Counter[str]]:
+    """Every token acknowledged by the hop exactly once, content whole; (acked, received whole) counts."""
+    acked: Counter[str] = Counter()
+    received: Counter[str] = Counter()
+    for reception in list(hop.receptions):
+        token = token_of(reception)
+        assert token in tokens, f"a message this test did not send: {token}"
+        # The relay's Received: header, then exactly what was sent.
+        assert reception.content.endswith(b"\r\n" + body(token)), f"{token} arrived altered"
+        assert reception.rcpt_tos == [f"{token}@dest.test"] and reception.mail_from == SENDER
+        received[token] += 1
+        acked[token] += reception.acked
+    assert {t: n for t, n in acked.items() if n != 1} == {}, f"acknowledged more than once: {acked}"
+    assert set(acked) == set(tokens), f"never acknowledged: {set(tokens) - set(acked)}"
+    return acked, received
+
+
+# The deferral each fault must cause, as the relay logs it.
+DEFERRAL = {
+    "refused": "Connection refused",
+    "greet421": "refused to talk to me: 421 4.3.2 hop.test busy",
+    "stall_greeting": "timed out while receiving the initial server greeting",
+    "mail421": "while sending MAIL FROM",
+    "drop_in_data": "while sending end of data -- message may be sent more than once",
+    "data451": "said: 451 4.3.0 hop.test try again later (in reply to end of DATA command)",
+    "drop_at_dot": "lost connection with 127.0.0.1[127.0.0.1] while sending end of data -- message may be sent more than once",
+    "stall_at_dot": "timed out while sending end of data -- message may be sent more than once",
+    "rset421": None,   # a cached connection found dead: replaced, no deferral
+}
+
+
+@pytest.mark.parametrize("fault", ["refused", *FAULTS])
+def test_a_next_hop_fault_is_retried_and_the_message_delivered_once(
+        relay_factory: Callable[..., RelayProcess], fault: str) -> None:
+    hop = ScriptedHop([] if fault == "refused" else [fault])
+    # One session at a time: the faulty connection carries the first message (and,
+    # for rset421, the second one after it).
+    relay = relay_factory(extra=delivery_to(hop.port, command_timeout=1, per_destination=1))
+    tokens = [f"{fault}-{i}" for i in range(3)]
+    try:
+        if fault == "refused":
+            ids = send(relay, tokens)   # nothing listens at the hop's port yet
+            relay.wait_log(f"{ids[tokens[0]]}: deferred")
+            hop.start()
+        else:
+            hop.start()
+            ids = send(relay, tokens)
+        hop.wait_acked(len(tokens))
+        for qid in ids.values():
+            relay.wait_log(f"{qid}: removed")
+        wait_for(lambda: not relay.queued(), 10, "an empty queue")
+        _, received = check_receptions(hop, tokens)
+    finally:
+        relay.stop()
+        hop.stop()
+    log = relay.log()
+    assert "Traceback" not in log
+    if fault != "refused":
+        assert hop.faults_used[0] == fault
+    expected = DEFERRAL[fault]
+    if expected is None:
+        assert "status=deferred" not in log
+        assert len(hop.faults_used) >= 2 and received == Counter({t: 1 for t in tokens})
+    else:
+        assert re.search(r"dsn=4\.\d\.\d, status=deferred \(.*" + re.escape(expected), log), log[-3000:]
+        assert "status=sent" in log[log.index("status=deferred"):]
+    duplicates = sum(received.values()) - len(tokens)
+    assert duplicates <= (1 if fault in AFTER_THE_DOT else 0), received
+
+
+def test_a_flaky_next_hop_under_load_loses_nothing(relay_factory: Callable[..., RelayProcess],
+                                                    report: Callable[[str], None]) -> None:
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    faults = [rng.choice(FAULTS) if rng.random() < 0.6 else "ok" for _ in range(16)]
+    # Two messages per connection at most: the faults meet many connections.
+    hop = ScriptedHop(faults, messages_per_connection=2).start()
+    relay = relay_factory(extra=delivery_to(hop.port, command_timeout=1, per_destination=4))
+    tokens: list[str] = []
+    lock = threading.Lock()
+
+    def client(name: str) -> None:
+        mine = [f"{name}-{i}" for i in range(10)]
+        send(relay, mine)
+        with lock:
+            tokens.extend(mine)
+
+    try:
+        threads = [threading.Thread(target=client, args=(f"c{i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(tokens) == 40, f"seed {seed}: the clients did not finish"
+        hop.wait_acked(40, timeout=60)
+        wait_for(lambda: not relay.queued(), 20, f"an empty queue (seed {seed})")
+        _, received = check_receptions(hop, tokens)
+    finally:
+        relay.stop()
+        hop.stop()
+    used = Counter(hop.faults_used)
+    window = sum(used[f] for f in AFTER_THE_DOT)
+    duplicates = sum(received.values()) - len(tokens)
+    report(f"seed {seed}: 40 messages over {hop.connections} connections; faults "
+           f"{dict(sorted((f, n) for f, n in used.items() if f != 'ok'))}; {duplicates} duplicate(s), "
+           f"{window} fault(s) after the final dot")
+    assert "Traceback" not in relay.log()
+    assert duplicates <= window, f"seed {seed}: {duplicates} duplicates, only {window} after-the-dot faults"
