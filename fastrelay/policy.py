@@ -29,7 +29,11 @@ users_file, users, rules), server.hostname.
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import logging
+import secrets
+import time
 from collections.abc import Container
 from dataclasses import dataclass, field
 
@@ -170,6 +174,7 @@ class Directory:
         self.cidr = CidrSet()
         self._domains: dict[str, Account] = {}
         self._users: dict[str, tuple[Account, User]] = {}
+        self._auth_cache: dict[tuple[str, bytes], tuple[float, User]] = {}
         for ac in config.accounts:
             self._add_account(ac)
         self.cidr.build()
@@ -252,11 +257,43 @@ class Directory:
             return None
         return user if ok else None
 
+    def recently_verified(self, username: str, password: str) -> User | None:
+        """A user whose same password passed argon2 within AUTH_CACHE_SECONDS; cheap, loop-safe.
+
+        Devices that open a connection per message (printers, scanners,
+        monitoring) would otherwise pay a full argon2 verification on every
+        AUTH — about a quarter of a second of CPU with the default cost.  The
+        cache holds only an HMAC of the password under a per-process random
+        key, lives in memory, and is dropped with the Directory on reload.
+        """
+        key = self._cache_key(username, password)
+        entry = self._auth_cache.get(key)
+        if entry is None:
+            return None
+        expires, user = entry
+        if time.monotonic() >= expires or not user.may_send:
+            self._auth_cache.pop(key, None)
+            return None
+        return user
+
+    def remember_verified(self, username: str, password: str, user: User) -> None:
+        if len(self._auth_cache) >= AUTH_CACHE_ENTRIES:
+            self._auth_cache.clear()
+        self._auth_cache[self._cache_key(username, password)] = (time.monotonic() + AUTH_CACHE_SECONDS, user)
+
+    @staticmethod
+    def _cache_key(username: str, password: str) -> tuple[str, bytes]:
+        digest = hmac.new(_AUTH_CACHE_KEY, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+        return normalize_address(username).lower(), digest
+
     def user_count(self) -> int:
         return len(self._users)
 
 
 _DUMMY_HASH = _hasher.hash("fastrelay-timing-equaliser")
+_AUTH_CACHE_KEY = secrets.token_bytes(32)
+AUTH_CACHE_SECONDS = 300.0
+AUTH_CACHE_ENTRIES = 100_000
 
 
 class RelayPolicy:

@@ -804,8 +804,12 @@ class SmtpSession(asyncio.Protocol):
 
     async def _verify_async(self, username: str, password: str) -> bytes:
         directory = self.server.policy.directory
-        # argon2 is deliberately slow: never on the event loop.
-        user = await self.server.loop.run_in_executor(None, directory.verify_password, username, password)
+        user = directory.recently_verified(username, password)
+        if user is None:
+            # argon2 is deliberately slow: never on the event loop.
+            user = await self.server.loop.run_in_executor(None, directory.verify_password, username, password)
+            if user is not None:
+                directory.remember_verified(username, password, user)
         if user is None:
             delay = self._auth_failed(username, "bad credentials")
             if delay:
