@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import HOSTNAME, Certs, RawClient, RelayProcess, TlsRawClient, queue_id_of
+from conftest import HOSTNAME, Certs, RawClient, RelayProcess, TlsRawClient, queue_id_of, start_tls
 
 from fastrelay import replies
 
@@ -293,6 +293,45 @@ def test_a_client_that_floods_without_reading_is_not_buffered(relay_factory: Fac
         assert client.line() == b"250 2.0.0 Ok"
     assert client.cmd(b"NOOP") == wire(replies.NOOP_OK)
     client.close()
+
+
+def test_flow_control_starts_over_after_starttls(relay_factory: Factory, certs: Certs) -> None:
+    """A client whose replies backed up (the relay paused reading it, then resumed) and that
+    then upgrades with STARTTLS is served normally over TLS: a message followed by a
+    pipelined backlog larger than the relay's pending-input bound, sent while the spool
+    write runs, is answered in full."""
+    relay = relay_factory()
+    client = ehlo(RawClient(relay.port, timeout=20))
+    # 8 MB of replies, more than the kernel's socket buffers hold: the relay backs up.
+    flood = b"NOOP\r\n" * 600_000 + b"STARTTLS\r\n"
+    sender = threading.Thread(target=client.sock.sendall, args=(flood,))
+    sender.start()
+    time.sleep(1.0)
+    expected = b"250 2.0.0 Ok\r\n" * 600_000
+    got = client.buf
+    while len(got) < len(expected):
+        chunk = client.sock.recv(1 << 20)
+        assert chunk, "closed"
+        got += chunk
+    sender.join(20)
+    assert got[:len(expected)] == expected
+    client.buf = got[len(expected):]
+    assert client.reply() == wire(replies.READY_TLS)
+    start_tls(client, certs.client_context())
+    ehlo(client)
+    content = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 2000
+    backlog = b"NOOP\r\n" * 30_000          # 180 KB behind the final dot
+    sender = threading.Thread(target=client.sock.sendall, args=(TRANSACTION + content + b".\r\n" + backlog,))
+    sender.start()
+    try:
+        assert [client.reply()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+        queue_id = queue_id_of(client.reply())
+        for i in range(30_000):
+            assert client.line() == b"250 2.0.0 Ok", i
+    finally:
+        sender.join(20)
+        client.close()
+    assert queue_id in {env.queue_id for env, _ in relay.queued()}  # type: ignore[attr-defined]
 
 
 def test_data_beyond_max_message_size_is_not_buffered(relay_factory: Factory,
