@@ -968,27 +968,15 @@ def _load(args: argparse.Namespace) -> Config | None:
 
 
 def _cmd_quarantine(args: argparse.Namespace) -> int:
-    from .control import RelayNotRunning
-    from .errors import FastrelayError
+    from .control import ask_running_relay
 
-    config = _load(args)
-    if config is None:
-        return 2
     message: dict[str, Any] = {"cmd": f"quarantine_{args.quarantine_command}"}
     if getattr(args, "queue_id", None):
         message["queue_id"] = args.queue_id
     if getattr(args, "force", False):
         message["force"] = True
-    try:
-        answer = _ask(config, message)
-    except RelayNotRunning as exc:
-        print(f"fastrelay: {exc}", file=sys.stderr)
-        return 1
-    except (FastrelayError, OSError, ValueError) as exc:
-        print(f"fastrelay: control socket: {exc}", file=sys.stderr)
-        return 1
-    if not answer.get("ok"):
-        print(f"fastrelay: {answer.get('error', 'failed')}", file=sys.stderr)
+    answer = ask_running_relay(args.config, message)
+    if answer is None:
         return 1
     if args.quarantine_command == "list":
         items = answer.get("items", [])

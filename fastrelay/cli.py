@@ -136,58 +136,28 @@ def _cmd_queue_list(args: argparse.Namespace) -> int:
 
 def _cmd_queue_control(args: argparse.Namespace) -> int:
     """flush / hold / release / delete: ask the running relay over its control socket."""
-    from .control import RelayNotRunning, request, socket_path
-    from .errors import FastrelayError
+    from .control import ask_running_relay
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"fastrelay: {exc}", file=sys.stderr)
-        return 2
     message: dict[str, object] = {"cmd": args.queue_command}
     if getattr(args, "queue_id", None):
         message["queue_id"] = args.queue_id
-    try:
-        answer = request(socket_path(config.path(config.server.spool_dir)), message)
-    except RelayNotRunning as exc:
-        print(f"fastrelay: {exc}", file=sys.stderr)
-        return 1
-    except (FastrelayError, OSError, ValueError) as exc:
-        print(f"fastrelay: control socket: {exc}", file=sys.stderr)
-        return 1
-    if not answer.get("ok"):
-        print(f"fastrelay: {answer.get('error', 'failed')}", file=sys.stderr)
+    answer = ask_running_relay(args.config, message)
+    if answer is None:
         return 1
     print(answer.get("message", "ok"))
     return 0
 
-
 def _cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from .control import RelayNotRunning, request, socket_path
-    from .errors import FastrelayError
+    from .control import ask_running_relay
     from .status import render
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"fastrelay: {exc}", file=sys.stderr)
-        return 2
-    try:
-        answer = request(socket_path(config.path(config.server.spool_dir)), {"cmd": "status"})
-    except RelayNotRunning as exc:
-        print(f"fastrelay: {exc}", file=sys.stderr)
-        return 1
-    except (FastrelayError, OSError, ValueError) as exc:
-        print(f"fastrelay: control socket: {exc}", file=sys.stderr)
-        return 1
-    if not answer.get("ok"):
-        print(f"fastrelay: {answer.get('error', 'failed')}", file=sys.stderr)
+    answer = ask_running_relay(args.config, {"cmd": "status"})
+    if answer is None:
         return 1
     print(json.dumps(answer, indent=2) if args.json else render(answer))
     return 0
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastrelay", description="A high-performance SMTP relay")

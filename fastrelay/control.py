@@ -175,3 +175,33 @@ def request(path: Path, message: dict[str, Any], timeout: float = 30.0) -> dict[
     if not isinstance(answer, dict):
         raise FastrelayError(f"unexpected answer from the relay: {data[:200]!r}")
     return answer
+
+
+def ask_running_relay(config_path: str, message: dict[str, Any]) -> dict[str, Any] | None:
+    """The admin commands' round trip: load the config, ask the relay, report failures.
+
+    Returns the relay's successful answer, or None after printing why not
+    (bad config, relay not running, socket error, or the relay's own error).
+    """
+    import sys
+
+    from .config import load_config
+    from .errors import ConfigError, FastrelayError
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"fastrelay: {exc}", file=sys.stderr)
+        return None
+    try:
+        answer = request(socket_path(config.path(config.server.spool_dir)), message)
+    except RelayNotRunning as exc:
+        print(f"fastrelay: {exc}", file=sys.stderr)
+        return None
+    except (FastrelayError, OSError, ValueError) as exc:
+        print(f"fastrelay: control socket: {exc}", file=sys.stderr)
+        return None
+    if not answer.get("ok"):
+        print(f"fastrelay: {answer.get('error', 'failed')}", file=sys.stderr)
+        return None
+    return answer
