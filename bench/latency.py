@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -167,6 +168,7 @@ def main() -> int:
                           + f"  p50 {p.p50:7.2f}  p99 {p.p99:7.2f}  p99.9 {p.p999:7.2f}  max {p.max:7.1f} ms",
                           flush=True)
     elapsed = time.monotonic() - t0
+    shutil.rmtree(work, ignore_errors=True)
 
     loads = ["peak"] + [f"{f:.0%}" for f in args.fractions]
     lines = [f"# Latency at full load and at fixed fractions of the peak, {started}", "",

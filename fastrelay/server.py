@@ -717,6 +717,9 @@ class SmtpSession(asyncio.Protocol):
             self.closing = True
             return
         self.transport = transport
+        # A pause_writing of the plain transport now belongs to the TLS layer:
+        # flow control starts over with the new transport.
+        self.writing_paused = False
         self.tls = True
         self.tls_pending = False
         self.busy = False

@@ -91,6 +91,7 @@ def test_bench_duration_and_rate(relay: RelayProcess) -> None:
     r = result_of(bench(relay, relay.port, "--duration", "1", "--rate", "100", "--sessions", "5",
                         "--messages-per-connection", "0"))
     assert 90 <= r["sent"] <= 101 and r["offered_rate"] == 100
+    assert r["connections"] == 5   # the pool connects before the first message is due
     assert len(relay.queued()) == r["sent"]
 
 
