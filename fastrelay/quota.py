@@ -250,16 +250,7 @@ class QuotaBook:
         # message to the same people, so this overstates nothing that lasts.
 
     def _refuse(self, txn: QuotaTxn, limit: str, current: int, maximum: int) -> bytes:
-        decision = txn.decision
-        log.warning(
-            "quota: %s exceeded: account=%s user=%s count=%d limit=%d window=%s",
-            limit, decision.account.name if decision.account else "-",
-            decision.user.address if decision.user else "-", current, maximum,
-            {"recipients_per_transaction": "transaction", "org_recipients_per_10min": "10m"}.get(limit, "24h"),
-        )
-        self.refused[limit] = self.refused.get(limit, 0) + 1
-        events.emit("quota", limit=limit, account=decision.account.name if decision.account else None,
-                    user=decision.user.address if decision.user else None, count=current, maximum=maximum)
+        record_refusal(self.refused, txn, limit, current, maximum)
         return self.replies[limit]
 
     # -- state ------------------------------------------------------------------
@@ -327,6 +318,20 @@ class QuotaBook:
 
     def replay(self, event: QuotaEvent) -> None:
         self._count(event.t, event.account or None, event.user or None, event.n, event.keys)
+
+
+_WINDOW_OF_LIMIT = {"recipients_per_transaction": "transaction", "org_recipients_per_10min": "10m"}
+
+
+def record_refusal(refused: dict[str, int], txn: QuotaTxn, limit: str, current: int, maximum: int) -> None:
+    """Log, count and emit a limit refusal: the same for every backend."""
+    decision = txn.decision
+    account = decision.account.name if decision.account else None
+    user = decision.user.address if decision.user else None
+    log.warning("quota: %s exceeded: account=%s user=%s count=%d limit=%d window=%s", limit,
+                account or "-", user or "-", current, maximum, _WINDOW_OF_LIMIT.get(limit, "24h"))
+    refused[limit] = refused.get(limit, 0) + 1
+    events.emit("quota", limit=limit, account=account, user=user, count=current, maximum=maximum)
 
 
 def _org_from(day: Any, peak: Any) -> OrgWindows:

@@ -28,10 +28,10 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from . import events, replies
+from . import replies
 from .config import Config, LimitSet
 from .policy import Account, RelayDecision
-from .quota import DAY, DAY_BUCKETS, DAY_RING_SPAN, PEAK, PEAK_BUCKETS, PEAK_RING_SPAN, QuotaTxn, limit_replies, rcpt_key
+from .quota import DAY, DAY_BUCKETS, DAY_RING_SPAN, PEAK, PEAK_BUCKETS, PEAK_RING_SPAN, QuotaTxn, limit_replies, rcpt_key, record_refusal
 
 log = logging.getLogger("fastrelay.quota")
 
@@ -258,13 +258,5 @@ class RedisQuotaBook:
             log.error("quota: Redis release failed: %s", exc)
 
     def _refuse(self, txn: QuotaTxn, limit: str, current: int) -> bytes:
-        decision = txn.decision
-        log.warning("quota: %s exceeded: account=%s user=%s count=%d limit=%d window=%s",
-                    limit, decision.account.name if decision.account else "-",
-                    decision.user.address if decision.user else "-", current,
-                    getattr(txn.limits, limit),
-                    {"recipients_per_transaction": "transaction", "org_recipients_per_10min": "10m"}.get(limit, "24h"))
-        self.refused[limit] = self.refused.get(limit, 0) + 1
-        events.emit("quota", limit=limit, account=decision.account.name if decision.account else None,
-                    user=decision.user.address if decision.user else None, count=current, maximum=getattr(txn.limits, limit))
+        record_refusal(self.refused, txn, limit, current, getattr(txn.limits, limit))
         return self.replies[limit]
