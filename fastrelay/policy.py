@@ -28,13 +28,16 @@ users_file, users, rules), server.hostname.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import time
 from collections.abc import Container
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import argon2
@@ -294,6 +297,41 @@ _DUMMY_HASH = _hasher.hash("fastrelay-timing-equaliser")
 _AUTH_CACHE_KEY = secrets.token_bytes(32)
 AUTH_CACHE_SECONDS = 300.0
 AUTH_CACHE_ENTRIES = 100_000
+
+
+class PasswordVerifier:
+    """SMTP AUTH password checks off the event loop, at most one argon2 run per core.
+
+    Twenty devices that each open a connection per message and log in with
+    the same account all miss the cache at once after it expires (or after a
+    reload): their checks of the same credentials share one argon2 run
+    instead of twenty, and different credentials queue for a core rather
+    than all run at once and starve the event loop's core.
+    """
+
+    def __init__(self, workers: int | None = None) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1,
+                                        thread_name_prefix="argon2")
+        self._running: dict[tuple[int, str, bytes], asyncio.Future[User | None]] = {}
+        self.argon2_runs = 0   # for tests and metrics: verifications actually computed
+
+    async def verify(self, directory: Directory, username: str, password: str) -> User | None:
+        user = directory.recently_verified(username, password)
+        if user is not None:
+            return user
+        key = (id(directory), *Directory._cache_key(username, password))
+        running = self._running.get(key)
+        if running is None:
+            self.argon2_runs += 1
+            running = asyncio.get_running_loop().run_in_executor(
+                self._pool, directory.verify_password, username, password)
+            self._running[key] = running
+            running.add_done_callback(lambda _: self._running.pop(key, None))
+            user = await asyncio.shield(running)
+            if user is not None:
+                directory.remember_verified(username, password, user)
+            return user
+        return await asyncio.shield(running)
 
 
 class RelayPolicy:

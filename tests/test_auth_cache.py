@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import time
 from pathlib import Path
@@ -48,3 +49,24 @@ def test_repeated_auth_over_smtp_and_a_wrong_password_still_fails(relay: RelayPr
         with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
             s.login("alice@example.com", "not-" + ALICE_PASSWORD)
         assert failed.value.smtp_code == 535
+
+
+def test_concurrent_checks_of_the_same_credentials_share_one_argon2_run(tmp_path: Path, alice_hash: str) -> None:
+    d = directory(tmp_path, alice_hash)
+    verifier = policy.PasswordVerifier(workers=2)
+
+    async def burst() -> list[policy.User | None]:
+        same = [verifier.verify(d, "alice@example.com", ALICE_PASSWORD) for _ in range(20)]
+        wrong = [verifier.verify(d, "alice@example.com", "not-" + ALICE_PASSWORD) for _ in range(5)]
+        return await asyncio.gather(*same, *wrong)
+
+    results = asyncio.run(burst())
+    assert all(u is not None and u.address == "alice@example.com" for u in results[:20])
+    assert results[20:] == [None] * 5
+    # One run for the right password, one for the wrong one, not 25.
+    assert verifier.argon2_runs == 2
+    # Afterwards the right password comes from the cache; the wrong one is checked again.
+    again = asyncio.run(verifier.verify(d, "alice@example.com", ALICE_PASSWORD))
+    assert again is not None and verifier.argon2_runs == 2
+    assert asyncio.run(verifier.verify(d, "alice@example.com", "not-" + ALICE_PASSWORD)) is None
+    assert verifier.argon2_runs == 3
