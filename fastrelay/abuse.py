@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import email.utils
-import logging
 import os
 import sys
 import textwrap
@@ -72,6 +71,7 @@ from .bounce import original_headers
 from .config import Config, load_config, parse_duration
 from .delivery import DELIVER, PreDeliveryDeferred, Verdict, VerdictAction
 from .errors import ConfigError, SpoolError
+from .logs import MailLog
 from .policy import Account, Directory
 from .scanners import (
     CLEAN,
@@ -92,7 +92,7 @@ from .spool import Envelope, Location, MessageState, QueueIdGenerator, Spool
 if TYPE_CHECKING:
     from .delivery import QueueEntry, QueueManager
 
-log = logging.getLogger("fastrelay.abuse")
+log = MailLog("fastrelay.abuse")
 
 STATE_FILE = "abuse-state.json"
 WINDOW_BUCKETS = 60                 # alert_window / 60 per bucket
@@ -240,6 +240,9 @@ class BodyReader:
         self.fds: OrderedDict[int, int] = OrderedDict()
 
     def read(self, location: Location) -> bytes:
+        recent = self.spool.recent_body(location)
+        if recent is not None:
+            return recent
         fd = self.fds.get(location.segment)
         if fd is None:
             fd = os.open(self.spool.segment_path(location.segment), os.O_RDONLY | os.O_CLOEXEC)

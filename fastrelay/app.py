@@ -14,15 +14,15 @@ import signal
 import sys
 from pathlib import Path
 
-from . import events
+from . import events, logs
 from .abuse import AbuseDesk
 from .archive import ArchiveStage
 from .config import Config, load_config, parse_hostport
 from .control import ControlServer, socket_path
 from .delivery import QueueManager
-from .metrics import MetricsServer, start_metrics
 from .errors import ConfigError
 from .logs import BatchedLogHandler
+from .metrics import MetricsServer, start_metrics
 from .policy import Directory, RelayPolicy
 from .quota import QuotaBook, QuotaJournal, make_quota_book
 from .server import SmtpServer
@@ -37,6 +37,7 @@ def setup_logging(config: Config) -> None:
     root = logging.getLogger("fastrelay")
     for h in list(root.handlers):
         root.removeHandler(h)
+        logs.uninstall(h)
         h.close()
     if config.logging.file:
         path = config.path(config.logging.file)
@@ -44,8 +45,7 @@ def setup_logging(config: Config) -> None:
         handler = BatchedLogHandler(open(path, "a", encoding="utf-8"), owns_stream=True)
     else:
         handler = BatchedLogHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s fastrelay[%(process)d]: %(message)s", "%b %d %H:%M:%S"))
-    root.addHandler(handler)
+    logs.install(root, handler)
     root.setLevel(config.logging.level.upper())
     root.propagate = False
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -58,6 +57,7 @@ from . import events
 from .bounce import FailedRecipient, build_dsn
 from .config import Config, parse_duration
 from .errors import SpoolError
+from .logs import MailLog
 from .metrics import DelayHistogram
 from .routing import Destination, NextHop, Router, RoutingError
 from .smtp_client import (
@@ -83,13 +83,17 @@ from .spool import (
     Spool,
 )
 
-log = logging.getLogger("fastrelay.delivery")
+log = MailLog("fastrelay.delivery")
 
 _EVENT_OF_OUTCOME = {Outcome.SENT: "delivery", Outcome.DEFERRED: "deferral", Outcome.BOUNCED: "bounce"}
 
 # Bodies up to this size are read on the event loop (a page-cache hit costs
 # microseconds); larger ones in a thread.
 INLINE_READ = 256 * 1024
+
+# What the spool keeps in memory of freshly queued bodies, for the scan and
+# the first attempt; released as each message leaves its first attempt.
+RECENT_BODIES_BUDGET = 64 * 1024 * 1024
 
 
 class VerdictAction(enum.Enum):
@@ -208,6 +212,7 @@ class QueueManager:
         self.config = config
         self.hostname = config.server.hostname
         self.enabled = d.enabled
+        self.spool.recent_budget = RECENT_BODIES_BUDGET if d.enabled else 0
         self.lifetime = parse_duration(d.max_queue_lifetime)
         self.retry_delays = [parse_duration(v) for v in d.retry_schedule] or [300.0]
         self.router = router if router is not None else Router(d)
@@ -613,6 +618,7 @@ class QueueManager:
         entry = attempt.entry
         env, state = entry.envelope, entry.state
         entry.attempt = None
+        self.spool.release_body(entry.location)
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
@@ -649,10 +655,12 @@ class QueueManager:
         entry.state = DeliveryState(env.queue_id, MessageState.DONE, entry.state.attempts, 0.0,
                                     entry.state.done_recipients, entry.state.last_error)
         self._write_state(entry.state)
+        self.spool.release_body(entry.location)
         self.entries.pop(env.queue_id, None)
         log.info("%s: removed%s", env.queue_id, f" ({why})" if why else "")
 
     def _hold(self, entry: QueueEntry, reason: str) -> None:
+        self.spool.release_body(entry.location)
         if entry.timer is not None:
             entry.timer.cancel()
             entry.timer = None

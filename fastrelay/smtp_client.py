@@ -39,15 +39,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import enum
-import logging
 import re
 import ssl
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+from .logs import MailLog
 from .routing import NextHop
 
-log = logging.getLogger("fastrelay.smtp_client")
+log = MailLog("fastrelay.smtp_client")
 
 # RFC 5321 §4.5.3.1.5 caps reply lines at 512 octets; allow generous slack
 # before calling a peer broken.
@@ -491,9 +491,11 @@ class OutboundConnection:
             for i in accepted:
                 results[i] = result_from_reply(data, hop, "DATA")
             return overflow
-        self.write(content)
+        transport = self.reader.transport
+        assert transport is not None
+        transport.writelines((content, b".\r\n"))  # one send, without copying the content
         try:
-            final = await self.command(b".\r\n", "end of data")
+            final = (await self._await(1, "sending end of data"))[0]
         except HopError as exc:
             # RFC 1047: the dot may have arrived; a retry may duplicate the message.
             for i in accepted:

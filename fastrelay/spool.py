@@ -194,7 +194,7 @@ class Location(NamedTuple):
 
 
 class _Batch:
-    __slots__ = ("frames", "futures", "records", "segment", "offset")
+    __slots__ = ("frames", "futures", "offset", "records", "segment")
 
     def __init__(self) -> None:
         self.frames: list[tuple[bytes, bytes, Sequence[bytes | bytearray | memoryview]]] = []
@@ -224,6 +224,14 @@ class Spool:
         self._live: dict[int, int] = {}
         self._where: dict[str, int] = {}
         self.failed: OSError | None = None
+        # Bodies just written, kept for the stages that read them right back
+        # (scanning, then the first delivery attempt): reading each one from
+        # the segment again cost more CPU than delivering it.  Off (0) unless
+        # someone will release them; bounded in bytes, so a backlog falls
+        # back to reading the disk.
+        self.recent_budget = 0
+        self._recent: dict[tuple[int, int], bytes] = {}
+        self._recent_bytes = 0
 
     # -- opening and recovery -------------------------------------------------
 
@@ -308,6 +316,21 @@ class Spool:
         env = _env_encoder.encode(envelope)
         return self._append(KIND_MESSAGE, env, body, (envelope.queue_id, len(env), sum(map(len, body))))
 
+    def _keep_recent(self, location: Location, body: Sequence[bytes | bytearray | memoryview]) -> None:
+        if self._recent_bytes + location.body_len > self.recent_budget:
+            return
+        self._recent[(location.segment, location.body_offset)] = b"".join(body)
+        self._recent_bytes += location.body_len
+
+    def release_body(self, location: Location) -> None:
+        """The in-memory copy of this body (if any) is no longer needed."""
+        data = self._recent.pop((location.segment, location.body_offset), None)
+        if data is not None:
+            self._recent_bytes -= len(data)
+
+    def recent_body(self, location: Location) -> bytes | None:
+        return self._recent.get((location.segment, location.body_offset))
+
     def append_state(self, state: DeliveryState) -> asyncio.Future[Location | None]:
         """Queue a state record; the future resolves (to None) once fsynced."""
         if state.state == MessageState.DONE:
@@ -345,7 +368,8 @@ class Spool:
                     fut.set_exception(SpoolError(str(error)))
             return
         seg, offset, messages = batch.segment, batch.offset, 0
-        for fut, (qid, env_len, body_len) in zip(batch.futures, batch.records):
+        keep = self.recent_budget > 0
+        for fut, (qid, env_len, body_len), (_, _, body) in zip(batch.futures, batch.records, batch.frames):
             location = None
             if qid is not None:
                 # Nothing acts on a message before its future resolves here,
@@ -353,6 +377,8 @@ class Spool:
                 self._where[qid] = seg
                 messages += 1
                 location = Location(seg, offset + HEADER_SIZE + env_len, body_len)
+                if keep:
+                    self._keep_recent(location, body)
             offset += HEADER_SIZE + env_len + body_len
             if not fut.done():
                 fut.set_result(location)
@@ -465,6 +491,9 @@ class Spool:
 
     def read_body(self, location: QueuedMessage | Location) -> bytes:
         """Blocking read of a body (run it in a thread for large messages)."""
+        recent = self._recent.get((location.segment, location.body_offset))
+        if recent is not None:
+            return recent
         with open(self.segment_path(location.segment), "rb") as f:
             f.seek(location.body_offset)
             return f.read(location.body_len)

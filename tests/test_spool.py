@@ -111,6 +111,38 @@ def test_append_then_recover_every_message(tmp_path: Path, run: Callable[[Awaita
     assert all(m.state == DeliveryState(m.envelope.queue_id, MessageState.INCOMING) for m in messages)
 
 
+def test_recent_bodies_are_kept_within_their_budget(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    spool = Spool(tmp_path)
+    spool.recover()
+    one = len(b"".join(body(0)))
+    spool.recent_budget = 2 * one + one // 2       # room for two of the three
+
+    async def scenario() -> None:
+        spool.start(asyncio.get_running_loop())
+        try:
+            locations = [await spool.append_message(envelope(n), body(n)) for n in range(3)]
+            kept = [loc for loc in locations if loc is not None and spool.recent_body(loc) is not None]
+            assert len(kept) == 2
+            for n, loc in enumerate(locations):
+                assert loc is not None
+                # From memory or from the segment, the same bytes.
+                assert spool.read_body(loc) == b"".join(body(n))
+                assert spool.recent_body(loc) in (None, b"".join(body(n)))
+            for loc in kept:
+                spool.release_body(loc)
+                assert spool.recent_body(loc) is None
+            # Released bytes make room again; with no budget nothing is kept.
+            loc = await spool.append_message(envelope(3), body(3))
+            assert loc is not None and spool.recent_body(loc) == b"".join(body(3))
+            spool.recent_budget = 0
+            loc = await spool.append_message(envelope(4), body(4))
+            assert loc is not None and spool.recent_body(loc) is None
+        finally:
+            spool.close()
+
+    run(scenario())
+
+
 def test_recover_across_several_starts(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
     for start in range(3):
         spool = Spool(tmp_path)
