@@ -71,3 +71,6 @@ CONTENT_8BIT: Final[int]
 
 def scan_content(data: bytes) -> int:
     """Flags of message content in one pass: bare CR/LF, a line starting with '.', 8-bit bytes."""
+
+def find_end_of_data(data: bytes, start: int = 0) -> int:
+    """Index of the first CRLF.CRLF at or after ``start``, or -1 (as bytes.find)."""

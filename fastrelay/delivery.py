@@ -506,7 +506,7 @@ class QueueManager:
     def _set_content(attempt: Attempt, body: bytes) -> None:
         env = attempt.entry.envelope
         attempt.body = body
-        attempt.content = dot_stuff(body)
+        attempt.content = dot_stuff(body, env.dot_lines)
         if env.smtputf8:
             # Only mail that really carries non-ASCII addresses or headers needs
             # SMTPUTF8 at the next hop (RFC 6531 §3.4).

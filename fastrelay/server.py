@@ -38,7 +38,13 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from . import events, replies
-from ._core import CONTENT_8BIT, CONTENT_BARE_NEWLINE, CONTENT_LEADING_DOT, scan_content
+from ._core import (
+    CONTENT_8BIT,
+    CONTENT_BARE_NEWLINE,
+    CONTENT_LEADING_DOT,
+    find_end_of_data,
+    scan_content,
+)
 from .addresses import parse_path_argument
 from .config import Config, ServerConfig
 from .errors import SpoolError
@@ -270,7 +276,7 @@ class SmtpSession(asyncio.Protocol):
         "closing", "draining", "discarding", "tls_pending", "tls", "tls_info", "helo", "esmtp",
         "auth_user", "last_activity", "reading_paused", "writing_paused", "_auth_login_user",
         "command", "_unsent", "decision", "quota_txn", "sender", "recipients", "smtputf8",
-        "body_8bit", "declared_size", "chunks", "data_size", "tail", "oversize",
+        "body_8bit", "dot_lines", "declared_size", "chunks", "data_size", "tail", "oversize",
     )
 
     def __init__(self, server: SmtpServer, implicit_tls: bool) -> None:
@@ -308,6 +314,7 @@ class SmtpSession(asyncio.Protocol):
         self.recipients: list[str] = []
         self.smtputf8 = False
         self.body_8bit = False
+        self.dot_lines = False      # some content line starts with "." (to stuff again on delivery)
         self.declared_size = 0
         # DATA framing
         self.chunks: list[bytes] = []
@@ -851,7 +858,7 @@ class SmtpSession(asyncio.Protocol):
         window = tail + data[:4]
         found = window.find(b"\r\n.\r\n")
         if found < 0:
-            found = data.find(b"\r\n.\r\n")
+            found = find_end_of_data(data)
             if found >= 0:
                 found += len(tail)
         if found < 0:
@@ -911,6 +918,7 @@ class SmtpSession(asyncio.Protocol):
         if flags & CONTENT_LEADING_DOT:
             # RFC 5321 §4.5.2: remove the leading dot of every line that has one.
             content = (b"\r\n" + content).replace(b"\r\n.", b"\r\n")[2:]
+            self.dot_lines = True
         if flags & CONTENT_8BIT:
             self.body_8bit = True
         if len(content) > self.cfg.max_message_size:
@@ -980,7 +988,7 @@ class SmtpSession(asyncio.Protocol):
             original_sender=decision.original_sender, tls=self.tls_info,
             account=decision.account.name if decision.account else None,
             rule=decision.rule.name if decision.rule else None,
-            smtputf8=self.smtputf8, body_8bit=self.body_8bit,
+            smtputf8=self.smtputf8, body_8bit=self.body_8bit, dot_lines=self.dot_lines,
         )
         return envelope, self._received_header(queue_id, now)
 

@@ -88,6 +88,10 @@ class Envelope(msgspec.Struct, array_like=True, omit_defaults=True):
     rule: str | None = None
     smtputf8: bool = False
     body_8bit: bool = False
+    # Some line of the body starts with "." (needs dot-stuffing again for
+    # DATA).  Unknown, so True, for records written before this field and for
+    # mail the relay makes itself.
+    dot_lines: bool = True
 
 
 class DeliveryState(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -927,3 +927,28 @@ def test_scan_content_examples() -> None:
     assert scan_content(b"a\r\n..b\r\n") == CONTENT_LEADING_DOT
     assert scan_content(b"caf\xc3\xa9\r\n") == CONTENT_8BIT
     assert scan_content(b"x\r") == CONTENT_BARE_NEWLINE
+
+
+# Long runs of ordinary bytes between the special ones, so the eight-bytes-at-a-time
+# path and its hand-over to the byte loop are both exercised.
+_LONG_CONTENT = st.lists(
+    st.one_of(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"\xe9", b"\r\n.", b"\n.", b"\r\n.\r\n", b"\x0e",
+                               b"\x7f", b"\x80"]),
+              st.integers(1, 40).map(lambda k: b"x" * k)),
+    max_size=60).map(b"".join)
+
+
+@given(_LONG_CONTENT)
+@settings(max_examples=2000)
+def test_scan_content_matches_model_on_long_lines(data: bytes) -> None:
+    from fastrelay._core import scan_content
+
+    assert scan_content(data) == _content_flags_model(data)
+
+
+@given(_LONG_CONTENT, st.integers(-1, 200))
+@settings(max_examples=3000)
+def test_find_end_of_data_matches_bytes_find(data: bytes, start: int) -> None:
+    from fastrelay._core import find_end_of_data
+
+    assert find_end_of_data(data, start) == data.find(b"\r\n.\r\n", max(start, 0))
