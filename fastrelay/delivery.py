@@ -25,9 +25,12 @@ Postfix's design in one process (its qmgr + smtp): every live message is a
   bounced ones (bounce.py) is made durable in the spool *before* that record,
   so a crash cannot lose it.  Mail from the null sender is never bounced.
 
-Every state change is a state record in the spool (``active`` records are not
-waited for: they only tell recovery that the hook already passed) and a log
-line; every recipient's outcome is a Postfix-style log line.  Progress of a
+Every state change is a state record in the spool and a log line, except
+that the ``active`` record is written only for an attempt still running
+after ``ACTIVE_RECORD_DELAY``: it only tells recovery that the hook already
+passed, and most attempts end (with their ``done`` record) before that;
+a crash inside that window scans the message again.  Records are not waited
+for; every recipient's outcome is a Postfix-style log line.  Progress of a
 message split over several destinations is written as each destination
 finishes (``done_recipients``), so a restart does not send to them again.
 
@@ -91,6 +94,9 @@ _EVENT_OF_OUTCOME = {Outcome.SENT: "delivery", Outcome.DEFERRED: "deferral", Out
 # microseconds); larger ones in a thread.
 INLINE_READ = 256 * 1024
 
+# An attempt still running after this long gets its ``active`` state record.
+ACTIVE_RECORD_DELAY = 0.5
+
 # What the spool keeps in memory of freshly queued bodies, for the scan and
 # the first attempt; released as each message leaves its first attempt.
 RECENT_BODIES_BUDGET = 64 * 1024 * 1024
@@ -138,6 +144,7 @@ class QueueEntry:
     state: DeliveryState
     timer: asyncio.TimerHandle | None = None
     attempt: Attempt | None = None      # the attempt in flight
+    active_timer: asyncio.TimerHandle | None = None   # writes the active record of a long attempt
     scanning: bool = False              # the pre_delivery hook is running
     hold_reason: str | None = None      # hold when the current attempt or scan ends
     delete_requested: bool = False      # remove when the current attempt ends
@@ -353,7 +360,7 @@ class QueueManager:
                      entry.location.body_len, len(env.recipients) - len(done), state.attempts + 1)
         entry.state = DeliveryState(env.queue_id, MessageState.ACTIVE, state.attempts, 0.0,
                                     state.done_recipients, state.last_error)
-        self._write_state(entry.state)
+        entry.active_timer = self.loop.call_later(ACTIVE_RECORD_DELAY, self._record_active, entry)
         attempt = Attempt(entry, len(groups))
         entry.attempt = attempt
         self.in_flight += 1
@@ -618,6 +625,9 @@ class QueueManager:
         entry = attempt.entry
         env, state = entry.envelope, entry.state
         entry.attempt = None
+        if entry.active_timer is not None:
+            entry.active_timer.cancel()
+            entry.active_timer = None
         self.spool.release_body(entry.location)
         self.in_flight -= 1
         if self.in_flight == 0:
@@ -669,6 +679,11 @@ class QueueManager:
         entry.state = DeliveryState(s.queue_id, MessageState.HOLD, s.attempts, 0.0, s.done_recipients, s.last_error)
         self._write_state(entry.state)
         log.info("%s: hold: %s", s.queue_id, reason)
+
+    def _record_active(self, entry: QueueEntry) -> None:
+        entry.active_timer = None
+        if entry.attempt is not None and self.entries.get(entry.envelope.queue_id) is entry:
+            self._write_state(entry.state)
 
     def _write_state(self, state: DeliveryState) -> None:
         try:

@@ -270,6 +270,10 @@ class OutboundConnection:
         self.extensions: dict[str, str] = {}
         self.tls: str | None = None       # e.g. "TLSv1.3" once STARTTLS succeeded
         self.transactions = 0             # transactions begun on this connection
+        # The last transaction ended with the reply to its final dot, and the
+        # connection has not waited in the cache since: the server is ready
+        # for MAIL and no RSET is needed to prove the connection alive.
+        self.ready_for_mail = True
 
     # -- opening -------------------------------------------------------------------
 
@@ -503,6 +507,7 @@ class OutboundConnection:
             for i in accepted:
                 results[i] = deferred(f"{exc.text} -- message may be sent more than once", exc.dsn, hop.hostname)
             return []
+        self.ready_for_mail = True
         for i in accepted:
             results[i] = result_from_reply(final, hop, "end of DATA")
         return overflow
@@ -510,10 +515,14 @@ class OutboundConnection:
     async def _exchange(self, mail: bytes, rcpts: list[bytes]) -> tuple[Reply, list[Reply], Reply | None]:
         """Send [RSET] MAIL RCPT...; (MAIL reply, RCPT replies, DATA reply if DATA was pipelined).
 
-        A reused connection starts with RSET (RFC 5321 §4.1.1.5), which also
-        proves it is alive: if it is not, StaleConnection says nothing was sent.
+        A connection taken from the cache, or whose last transaction did not
+        end at the final dot, starts with RSET (RFC 5321 §4.1.1.5), which also
+        proves it is alive: if it is not, StaleConnection says nothing was
+        sent.  Straight after a completed transaction the server is already
+        reset (§4.1.1.4), so the next one starts with MAIL, as Postfix does.
         """
-        reused = self.transactions > 0
+        reused = self.transactions > 0 and not self.ready_for_mail
+        self.ready_for_mail = False
         self.transactions += 1
         hop = f"{self.hop.hostname}[{self.hop.address}]"
         if "PIPELINING" in self.extensions:
@@ -588,6 +597,7 @@ class ConnectionCache:
         if not conn.usable or self.idle_time <= 0:
             conn.quit()
             return
+        conn.ready_for_mail = False   # it may have been closed while it waited: RSET first
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.idle_time, self._expire, key, conn)
         self._idle.setdefault(key, []).append((conn, timer))
