@@ -47,6 +47,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         policy = build_policy(config)
+        if config.abuse.enabled:
+            # The running relay's suspensions for spam are saved in its abuse state file.
+            from .abuse import read_state, state_path
+            path = state_path(config)
+            try:
+                policy.suspended = set(read_state(path).suspensions)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(str(path), "", f"abuse state unreadable: {exc}") from None
     except (ConfigError, ValueError) as exc:
         print(f"fastrelay: {exc}", file=sys.stderr)
         return 2

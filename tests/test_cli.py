@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import smtplib
 import subprocess
@@ -10,6 +11,8 @@ import sys
 import argon2
 import pytest
 from conftest import RelayProcess
+from fastrelay import abuse
+from fastrelay.config import load_config
 
 FASTRELAY = [sys.executable, "-m", "fastrelay"]
 SENDER = "bob@example.com"
@@ -105,6 +108,23 @@ def test_explain_allowed_by_auth(relay_factory: object) -> None:
         "  rule 'authenticated': ADMITS: rule 'authenticated' admits",
         "MAIL FROM:<alice@example.com>: 250 2.1.0 Ok",
     ]
+
+
+def test_explain_sees_the_relays_suspensions_for_spam(relay_factory: object) -> None:
+    relay: RelayProcess = relay_factory(start=False)  # type: ignore[operator]
+    config = load_config(relay.config_path)
+    state = abuse.state_path(config)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"version": 1, "suspensions": {"alice@example.com": {
+        "address": "alice@example.com", "account": "example", "since": 1.0, "reason": "spam"}}}))
+    argv = ("explain", "--config", str(relay.config_path), "--ip", "192.0.2.7", "--helo", CLIENT_HELO,
+            "--from", "alice@example.com", "--auth", "alice@example.com", "--tls")
+    result = run(*argv)
+    assert result.returncode == 1, result.stdout
+    assert "alice@example.com is suspended for sending spam" in result.stdout
+    state.write_text("{not json")
+    broken = run(*argv)
+    assert broken.returncode == 2 and str(state.name) in broken.stderr + broken.stdout
 
 
 def test_explain_refused(relay_factory: object) -> None:
