@@ -45,6 +45,9 @@ class ServerConfig(Section):
     # "reject": a bare CR or LF in DATA refuses the message (SMTP smuggling defence).
     # "normalize": a bare LF in content is taken as CRLF (legacy devices).
     bare_newline: Literal["reject", "normalize"] = "reject"
+    # RFC 5321 §6.3: a message that already carries this many Received:
+    # headers is in a mail loop (Postfix's hopcount_limit is 50).
+    max_hops: int = 50
     # RFC 5321 §4.5.3.2: the server waits at least 5 minutes for a command and
     # 3 minutes for each block of DATA; TLS handshakes get their own bound.
     command_timeout: float = 300.0
@@ -391,6 +394,8 @@ def validate(config: Config) -> None:
                 fail(f"server.{key}", f"missing certificate file {f} (or set tls_self_signed = true)")
     if s.max_message_size < 1024:
         fail("server.max_message_size", "must be at least 1024 bytes")
+    if s.max_hops < 2:
+        fail("server.max_hops", "must be at least 2")
     for key in ("max_connections", "max_connections_per_ip"):
         if getattr(s, key) < 1:
             fail(f"server.{key}", "must be at least 1")

@@ -76,6 +76,8 @@ AUTH_REQUIRED = reply(530, "5.5.1", "Authentication Required.")
 AUTH_FAILED = reply(535, "5.7.8", "Username and Password not accepted.")
 AUTH_IDENTITY_MISMATCH = reply(535, "5.7.8", "Authorization identity must match the authenticated user")
 MESSAGE_TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+# RFC 3463 X.4.6: routing loop detected (RFC 5321 §6.3).
+TOO_MANY_HOPS = reply(554, "5.4.6", "Too many hops: mail loop detected")
 UNKNOWN_PARAMETER = reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 NEED_SMTPUTF8 = reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
 BARE_NEWLINE_DATA = reply(

@@ -924,6 +924,9 @@ class SmtpSession(asyncio.Protocol):
         if len(content) > self.cfg.max_message_size:
             self._finish_transaction(replies.MESSAGE_TOO_BIG, "message too big")
             return
+        if _hop_count(content) >= self.cfg.max_hops:
+            self._finish_transaction(replies.TOO_MANY_HOPS, f"too many hops (max_hops = {self.cfg.max_hops})")
+            return
         self._queue(content)
 
     def _finish_transaction(self, reply: bytes, why: str) -> None:
@@ -1086,6 +1089,13 @@ def _b64decode(text: str) -> bytes | None:
         return base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
         return None
+
+
+def _hop_count(content: bytes) -> int:
+    """Received: headers in the header section (RFC 5321 §6.3 loop detection)."""
+    end = content.find(b"\r\n\r\n")
+    head = content[:end if end >= 0 else 65536].lower()
+    return head.count(b"\r\nreceived:") + head.startswith(b"received:")
 
 
 def _tls_description(transport: Any) -> str | None:

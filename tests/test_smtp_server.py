@@ -771,3 +771,24 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(relay_factory: object) ->
         client.close()
     assert relay.proc is not None and relay.proc.poll() is None
     assert "no_such_key" in relay.log()
+
+
+def test_a_message_with_too_many_hops_is_refused_as_a_loop(module_relay: RelayProcess) -> None:
+    """RFC 5321 §6.3: with max_hops = 50 (the default), 49 Received: headers pass
+    (ours makes 50), 50 are a loop; headers of any case count, a body line does not."""
+
+    def message(hops: int) -> bytes:
+        trace = b"".join(f"{'Received' if i % 2 else 'RECEIVED'}: from hop{i}.example.net by x;"
+                         f" Fri, 27 Nov 2026 12:00:00 +0000\r\n".encode() for i in range(hops))
+        return trace + b"Subject: hops\r\n\r\nReceived: in the body is not a hop\r\n"
+
+    with smtplib.SMTP("127.0.0.1", module_relay.port, local_hostname=HELO) as smtp:
+        queue_id = send_one(smtp, message(49))
+        check_stored(module_relay, queue_id, message(49))
+        smtp.mail(SENDER)
+        smtp.rcpt(RCPT)
+        code, text = smtp.data(message(50))
+        assert (code, text) == (554, b"5.4.6 Too many hops: mail loop detected")
+        # The session goes on.
+        assert send_one(smtp) != queue_id
+    module_relay.wait_log("too many hops (max_hops = 50)")
