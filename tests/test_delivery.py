@@ -172,6 +172,27 @@ def test_mx_preference_order_and_fallback_when_the_best_host_refuses(world: Worl
     wait_drained(relay)
 
 
+def test_ipv6_next_hops_by_aaaa_record_and_by_route(world: World) -> None:
+    # An MX host with only an AAAA record (::1), and a route to an IPv6 literal.
+    world.zone.mx("six.test", (10, "mx6.six.test"))
+    world.zone.aaaa("mx6.six.test", "::1")
+    by_dns = world.sink("::1")
+    by_route = world.sink("::1", free_port())
+    routes = f"""
+[[delivery.routes]]
+domain = "routed.test"
+host = "[::1]:{by_route.port}"
+"""
+    relay = world.start(routes=routes)
+    qid = send(relay, ["a@six.test", "b@routed.test"])
+    assert [m.rcpt_tos for m in by_dns.wait(1)] == [["a@six.test"]]
+    assert [m.rcpt_tos for m in by_route.wait(1)] == [["b@routed.test"]]
+    log = relay.wait_log(f"{qid}: removed")
+    assert f"{qid}: to=<a@six.test>, relay=mx6.six.test[::1]:{world.mx_port}, delay=" in log
+    assert f"{qid}: to=<b@routed.test>, relay=" in log and f"[::1]:{by_route.port}" in log
+    wait_drained(relay)
+
+
 def test_routes_override_dns_first_match_wins(world: World) -> None:
     # DNS says dest.test goes to 127.0.0.2; the routes say otherwise.
     world.zone.mx("dest.test", (10, "mx.dest.test"))
