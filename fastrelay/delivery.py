@@ -687,11 +687,9 @@ class QueueManager:
 
     def _write_state(self, state: DeliveryState) -> None:
         try:
-            fut = self.spool.append_state(state)
+            self.spool.post_state(state)   # a failed write is logged by the spool
         except RuntimeError as exc:  # the spool is closed
             log.error("%s: state %s not written: %s", state.queue_id, state.state.value, exc)
-            return
-        fut.add_done_callback(_log_write_failure(state))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -791,13 +789,3 @@ class QueueManager:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.connections.close_all()
-
-
-def _log_write_failure(state: DeliveryState) -> Callable[[asyncio.Future[Location | None]], None]:
-    def check(fut: asyncio.Future[Location | None]) -> None:
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is not None:
-            log.error("%s: state %s not written: %s", state.queue_id, state.state.value, exc)
-    return check

@@ -198,14 +198,16 @@ class ReplyReader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
-        buffer += data
-        start = 0
-        while True:
-            end = buffer.find(b"\n", start)
-            if end < 0:
-                break
-            line = bytes(buffer[start:end]).rstrip(b"\r")
-            start = end + 1
+        if buffer:
+            buffer += data
+            data = bytes(buffer)
+            buffer.clear()
+        # Whole lines, split at once (a read usually holds whole replies);
+        # the last piece is an unfinished line, kept for the next read.
+        *lines, rest = data.split(b"\n")
+        for line in lines:
+            if line[-1:] == b"\r":
+                line = line[:-1]
             sep = line[3:4]
             if len(line) < 3 or not line[:3].isdigit() or sep not in (b"", b" ", b"-"):
                 self._fail(ConnectionLost(f"malformed reply line {line[:60]!r}", self._replies))
@@ -214,7 +216,7 @@ class ReplyReader(asyncio.Protocol):
             if sep != b"-":
                 self._replies.append(Reply(int(line[:3]), tuple(self._lines)))
                 self._lines = []
-        del buffer[:start]
+        buffer += rest
         if len(buffer) > MAX_REPLY_LINE:
             self._fail(ConnectionLost("reply line too long", self._replies))
             return

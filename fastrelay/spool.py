@@ -202,7 +202,7 @@ class _Batch:
 
     def __init__(self) -> None:
         self.frames: list[tuple[bytes, bytes, Sequence[bytes | bytearray | memoryview]]] = []
-        self.futures: list[asyncio.Future[Location | None]] = []
+        self.futures: list[asyncio.Future[Location | None] | None] = []   # None: nobody waits
         # per record, in order: (queue id of a message record or None, env_len, body_len)
         self.records: list[tuple[str | None, int, int]] = []
         self.segment = 0  # set by the writer: where the batch landed
@@ -318,7 +318,9 @@ class Spool:
     def append_message(self, envelope: Envelope, body: Sequence[bytes | bytearray | memoryview]) -> asyncio.Future[Location | None]:
         """Queue a message record; the future resolves to its Location once fsynced."""
         env = _env_encoder.encode(envelope)
-        return self._append(KIND_MESSAGE, env, body, (envelope.queue_id, len(env), sum(map(len, body))))
+        fut = self._new_future()
+        self._append(KIND_MESSAGE, env, body, (envelope.queue_id, len(env), sum(map(len, body))), fut)
+        return fut
 
     def _keep_recent(self, location: Location, body: Sequence[bytes | bytearray | memoryview]) -> None:
         if self._recent_bytes + location.body_len > self.recent_budget:
@@ -337,15 +339,29 @@ class Spool:
 
     def append_state(self, state: DeliveryState) -> asyncio.Future[Location | None]:
         """Queue a state record; the future resolves (to None) once fsynced."""
+        fut = self._new_future()
+        self._append_state(state, fut)
+        return fut
+
+    def post_state(self, state: DeliveryState) -> None:
+        """Queue a state record that nobody waits for (a failed write is logged here).
+
+        The queue manager writes one or two per message and never waits:
+        a future and its callback each time cost more than the record."""
+        self._append_state(state, None)
+
+    def _append_state(self, state: DeliveryState, fut: asyncio.Future[Location | None] | None) -> None:
         if state.state == MessageState.DONE:
             self._forget(state.queue_id)
         env = _env_encoder.encode(state)
-        return self._append(KIND_STATE, env, (), (None, len(env), 0))
+        self._append(KIND_STATE, env, (), (None, len(env), 0), fut)
+
+    def _new_future(self) -> asyncio.Future[Location | None]:
+        assert self._loop is not None, "Spool.start() not called"
+        return self._loop.create_future()
 
     def _append(self, kind: bytes, env: bytes, body: Sequence[bytes | bytearray | memoryview],
-                record: tuple[str | None, int, int]) -> asyncio.Future[Location | None]:
-        assert self._loop is not None, "Spool.start() not called"
-        fut: asyncio.Future[Location | None] = self._loop.create_future()
+                record: tuple[str | None, int, int], fut: asyncio.Future[Location | None] | None) -> None:
         with self._lock:
             batch = self._pending
             # The CRC and header are made on the writer thread (zlib.crc32
@@ -355,7 +371,6 @@ class Spool:
             batch.records.append(record)
             if len(batch.futures) == 1:  # the writer may be waiting for work
                 self._wakeup.notify()
-        return fut
 
     def _forget(self, queue_id: str) -> None:
         segment = self._where.pop(queue_id, None)
@@ -367,9 +382,14 @@ class Spool:
     def _on_written(self, batch: _Batch, error: OSError | None) -> None:
         """Runs on the event loop: bookkeeping first, then wake the waiters."""
         if error is not None:
+            unwatched = 0
             for fut in batch.futures:
-                if not fut.done():
+                if fut is None:
+                    unwatched += 1
+                elif not fut.done():
                     fut.set_exception(SpoolError(str(error)))
+            if unwatched:
+                log.error("spool: %d state record(s) not written: %s", unwatched, error)
             return
         seg, offset, messages = batch.segment, batch.offset, 0
         keep = self.recent_budget > 0
@@ -384,7 +404,7 @@ class Spool:
                 if keep:
                     self._keep_recent(location, body)
             offset += HEADER_SIZE + env_len + body_len
-            if not fut.done():
+            if fut is not None and not fut.done():
                 fut.set_result(location)
         if messages:
             self._live[seg] = self._live.get(seg, 0) + messages
