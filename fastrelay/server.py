@@ -156,6 +156,7 @@ class SmtpServer:
         self.counters["auth_failures"] = 0
         self.connection_refusals = {"max_connections": 0, "max_connections_per_ip": 0, "shutting_down": 0}
         self.refusals: dict[tuple[str, str, str], int] = {}   # (stage, code, enhanced code) -> replies
+        self.passwords = PasswordVerifier()   # one argon2 pool for the process, across reloads
         self.apply(config, policy, quota)
 
     def apply(self, config: Config, policy: RelayPolicy, quota: QuotaBook | None) -> None:
@@ -166,7 +167,6 @@ class SmtpServer:
         self.quota = quota
         self.hostname = config.server.hostname
         self.auth_throttle = AuthThrottle(config.server)
-        self.passwords = PasswordVerifier()
         self.banner = f"220 {self.hostname} ESMTP fastrelay\r\n".encode()
         size = config.server.max_message_size
         common = ["PIPELINING", f"SIZE {size}", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
