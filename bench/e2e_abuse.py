@@ -49,7 +49,7 @@ from e2e import (
     tree_cpu,
     wait_banner,
 )
-from e2e_delivery import DELIVERY_SECTION, CountingSink
+from e2e_delivery import CASES, DELIVERY_SECTION, Case, CountingSink
 
 VARIANTS = {
     "off": "\n[abuse]\nenabled = false\n",
@@ -64,16 +64,6 @@ class _Blank(dict[str, object]):
         return ""
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    size: int
-    reuse: bool
-    sessions: int = 20
-
-
-CASES = {c.name: c for c in (Case("1k-new", KIB, False), Case("1k-reuse", KIB, True),
-                              Case("100k-reuse", 100 * KIB, True))}
 
 
 @dataclass
