@@ -12,11 +12,9 @@ Postfix's design in one process (its qmgr + smtp): every live message is a
   ``pre_delivery`` hook (content scanning plugs in here) sees it once, before
   any delivery attempt, and may put it on hold.
 * **active**: an attempt runs.  The pending recipients are split per
-  ``Destination`` (routing.py); each destination has a job queue served by up
-  to ``per_destination_concurrency`` sessions (``concurrency`` in all), and a
-  session delivers job after job over one connection, so messages to one
-  destination share connections.  Connections left idle are cached for
-  ``connection_idle_time`` seconds.
+  ``Destination`` (routing.py), and each group is one ``Transfer`` for the
+  delivery agent (agent.py), which runs the SMTP sessions and reports one
+  result per recipient.
 * **deferred**: some recipients failed temporarily; the next attempt is due
   after the next ``retry_schedule`` delay (its last entry repeats).  When a
   message has been queued longer than ``max_queue_lifetime`` its temporary
@@ -40,10 +38,8 @@ disk (a few milliseconds of group commit), or a lost connection after the
 dot, makes the next attempt send the message again.
 
 Config keys read: delivery.enabled, delivery.max_queue_lifetime (5d),
-delivery.retry_schedule, delivery.concurrency (50),
-delivery.per_destination_concurrency (10), delivery.connection_idle_time (5 s),
-delivery.connect_timeout, delivery.command_timeout, delivery.ca_file,
-delivery.routes, delivery.nameservers, delivery.mx_port; server.hostname.
+delivery.retry_schedule, delivery.routes (to group recipients); the agent
+reads the rest of [delivery]; server.hostname (DSNs).
 """
 
 from __future__ import annotations
@@ -51,31 +47,20 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NamedTuple
 
 from . import events
+from .agent import SessionPool, Transfer
 from .bounce import FailedRecipient, build_dsn
 from .config import Config, parse_duration
 from .errors import SpoolError
 from .logs import MailLog
 from .metrics import DelayHistogram
-from .routing import Destination, NextHop, Router, RoutingError
-from .smtp_client import (
-    ClientSettings,
-    ConnectionCache,
-    HopError,
-    OutboundConnection,
-    Outcome,
-    RecipientResult,
-    StaleConnection,
-    bounced,
-    client_tls_context,
-    deferred,
-    dot_stuff,
-)
+from .routing import NextHop, Router
+from .smtp_client import Outcome, RecipientResult, bounced
 from .spool import (
     DeliveryState,
     Envelope,
@@ -89,10 +74,6 @@ from .spool import (
 log = MailLog("fastrelay.delivery")
 
 _EVENT_OF_OUTCOME = {Outcome.SENT: "delivery", Outcome.DEFERRED: "deferral", Outcome.BOUNCED: "bounce"}
-
-# Bodies up to this size are read on the event loop (a page-cache hit costs
-# microseconds); larger ones in a thread.
-INLINE_READ = 256 * 1024
 
 # An attempt still running after this long gets its ``active`` state record.
 ACTIVE_RECORD_DELAY = 0.5
@@ -157,10 +138,6 @@ class Attempt:
     entry: QueueEntry
     jobs_left: int
     results: dict[int, RecipientResult] = field(default_factory=dict)
-    body: bytes | None = None        # the spooled content, read once per attempt
-    content: bytes | None = None     # dot-stuffed for DATA
-    smtputf8: bool = False           # the message needs SMTPUTF8 at the next hop
-    reading: asyncio.Future[None] | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -171,14 +148,8 @@ class Job:
     recipients: list[int]
 
 
-@dataclass(eq=False, slots=True)
-class DestinationQueue:
-    """Jobs waiting for one destination and the sessions serving them."""
-
-    destination: Destination
-    settings: ClientSettings
-    jobs: deque[Job] = field(default_factory=deque)
-    sessions: int = 0
+def _deleted(entry: QueueEntry) -> bool:
+    return entry.delete_requested
 
 
 def format_delay(seconds: float) -> str:
@@ -195,19 +166,15 @@ class QueueManager:
         self.queue_ids = queue_ids
         self.pre_delivery = pre_delivery
         self.entries: dict[str, QueueEntry] = {}
-        self.destinations: dict[str, DestinationQueue] = {}
-        self.waiting: dict[str, None] = {}    # destination keys with jobs but no session (ordered set)
-        self.sessions = 0
         self.in_flight = 0                     # attempts running
         self.stopping = False   # SIGTERM: no new attempts
-        self.closed = False     # after stop(): no new sessions either
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.counters = {"sent": 0, "deferred": 0, "bounced": 0, "notifications": 0}
         self.delay_histogram = DelayHistogram()  # read by metrics.py
         self.enabled = False
-        self.connections = ConnectionCache(config.delivery.connection_idle_time)
+        self.agent: SessionPool | None = None   # made when delivery is enabled
         self.apply(config, router)
 
     # -- configuration ---------------------------------------------------------------
@@ -222,24 +189,15 @@ class QueueManager:
         self.spool.recent_budget = RECENT_BODIES_BUDGET if d.enabled else 0
         self.lifetime = parse_duration(d.max_queue_lifetime)
         self.retry_delays = [parse_duration(v) for v in d.retry_schedule] or [300.0]
+        # The router only groups recipients per destination here; the agent
+        # resolves and connects.
         self.router = router if router is not None else Router(d)
-        ca_file = str(config.path(d.ca_file)) if d.ca_file else ""
-        self.tls_contexts = {p: client_tls_context(p, ca_file)
-                             for p in ("none", "opportunistic", "required", "verify")}
-        self.connections.idle_time = d.connection_idle_time
+        if self.agent is not None:
+            self.agent.apply(config)
+        elif self.enabled:
+            self.agent = SessionPool(config)
         if self.enabled and not was_enabled and self.entries:
             self._resume_all()
-
-    def _settings_for(self, destination: Destination) -> ClientSettings:
-        d = self.config.delivery
-        route = destination.route
-        tls = route.tls if route is not None else "opportunistic"
-        return ClientSettings(
-            helo=self.hostname, connect_timeout=d.connect_timeout, command_timeout=d.command_timeout,
-            tls=tls, tls_context=self.tls_contexts[tls],
-            username=route.username if route is not None else "",
-            password=route.password if route is not None else "",
-        )
 
     # -- intake ------------------------------------------------------------------------
 
@@ -345,14 +303,15 @@ class QueueManager:
             entry.timer = None
         env, state = entry.envelope, entry.state
         done = set(state.done_recipients)
-        groups: dict[str, tuple[Destination, list[int]]] = {}
+        groups: dict[str, tuple[str, list[int]]] = {}   # destination key -> (a domain, recipients)
         for i, rcpt in enumerate(env.recipients):
             if i in done:
                 continue
-            destination = self.router.destination_for(rcpt.rpartition("@")[2])
-            group = groups.get(destination.key)
+            domain = rcpt.rpartition("@")[2]
+            key = self.router.destination_for(domain).key
+            group = groups.get(key)
             if group is None:
-                groups[destination.key] = (destination, [i])
+                groups[key] = (domain, [i])
             else:
                 group[1].append(i)
         if state.attempts or state.state != MessageState.INCOMING:
@@ -368,158 +327,16 @@ class QueueManager:
         if not groups:
             self._finish(attempt)
             return
-        for destination, recipients in groups.values():
-            queue = self.destinations.get(destination.key)
-            if queue is None:
-                queue = DestinationQueue(destination, self._settings_for(destination))
-                self.destinations[destination.key] = queue
-            queue.jobs.append(Job(attempt, recipients))
-            self._start_sessions(queue)
-
-    def _start_sessions(self, queue: DestinationQueue) -> None:
-        if self.closed:
-            return
-        d = self.config.delivery
-        key = queue.destination.key
-        while queue.jobs and queue.sessions < min(len(queue.jobs), d.per_destination_concurrency):
-            if self.sessions >= d.concurrency:
-                self.waiting[key] = None
-                return
-            queue.sessions += 1
-            self.sessions += 1
-            self._spawn(self._session(queue))
-        self.waiting.pop(key, None)
-
-    async def _session(self, queue: DestinationQueue) -> None:
-        """One delivery session: jobs of one destination, one after another, one connection."""
-        key = queue.destination.key
-        conn: OutboundConnection | None = None
-        try:
-            while queue.jobs:
-                job = queue.jobs.popleft()
-                try:
-                    conn = await self._deliver(queue, job, conn)
-                except Exception:
-                    log.exception("%s: delivery failed unexpectedly", job.attempt.entry.envelope.queue_id)
-                    if conn is not None:
-                        conn.abort()
-                        conn = None
-                    self._job_done(job, [deferred("internal error (see the log)", "4.3.0")] * len(job.recipients),
-                                   None)
-        finally:
-            queue.sessions -= 1
-            self.sessions -= 1
-            if conn is not None:
-                self.connections.put(key, conn)
-            if not queue.jobs and not queue.sessions and self.destinations.get(key) is queue:
-                del self.destinations[key]
-            self._start_waiting()
-
-    def _start_waiting(self) -> None:
-        """A session slot came free: give it to a destination that waits for one."""
-        while self.waiting and self.sessions < self.config.delivery.concurrency:
-            key = next(iter(self.waiting))
-            del self.waiting[key]
-            queue = self.destinations.get(key)
-            if queue is not None:
-                self._start_sessions(queue)
-
-    async def _deliver(self, queue: DestinationQueue, job: Job, conn: OutboundConnection | None
-                       ) -> OutboundConnection | None:
-        """Run one job; returns the connection if it can carry the next one."""
-        attempt = job.attempt
-        env = attempt.entry.envelope
-        if attempt.entry.delete_requested:
-            self._job_done(job, [], None)
-            return conn
-        try:
-            await self._read_content(attempt)
-        except OSError as exc:
-            log.error("%s: cannot read the queued message: %s", env.queue_id, exc)
-            self._job_done(job, [deferred(f"cannot read the queued message: {exc}", "4.3.0")] * len(job.recipients),
-                           None)
-            return conn
-        assert attempt.content is not None
-        recipients = [env.recipients[i] for i in job.recipients]
-        key = queue.destination.key
-        while True:
-            if conn is None:
-                conn = self.connections.take(key)
-            if conn is None:
-                try:
-                    conn = await self._connect(queue)
-                except RoutingError as exc:
-                    result = (deferred(exc.text, exc.dsn) if exc.temporary else bounced(exc.text, exc.dsn))
-                    self._fail_queue(queue, job, result)
-                    return None
-                except HopError as exc:
-                    self._fail_queue(queue, job, deferred(exc.text, exc.dsn, reply=exc.reply))
-                    return None
-            try:
-                results = await conn.send(env.sender, recipients, attempt.content,
-                                          body_8bit=env.body_8bit, smtputf8=attempt.smtputf8)
-            except StaleConnection:
-                conn.abort()
-                conn = None
-                continue
-            self._job_done(job, results, conn.hop)
-            return conn if conn.usable else None
-
-    async def _connect(self, queue: DestinationQueue) -> OutboundConnection:
-        """A new connection to the best next hop that answers (RFC 5321 §5.1)."""
-        hops = await self.router.next_hops(queue.destination)
-        failure: HopError | None = None
-        for hop in hops:
-            try:
-                return await OutboundConnection.open(hop, queue.settings)
-            except HopError as exc:
-                log.info("%s", exc.text)
-                failure = exc
-        assert failure is not None
-        raise failure
-
-    def _fail_queue(self, queue: DestinationQueue, job: Job, result: RecipientResult) -> None:
-        """No next hop for this destination: the job fails, and so do the jobs waiting behind it."""
-        self._job_done(job, [result] * len(job.recipients), None)
-        if result.outcome == Outcome.DEFERRED:
-            # As Postfix: do not knock again at a door that just failed to open.
-            result = result._replace(detail=f"delivery temporarily suspended: {result.detail}")
-        while queue.jobs:
-            waiting = queue.jobs.popleft()
-            self._job_done(waiting, [result] * len(waiting.recipients), None)
-
-    async def _read_content(self, attempt: Attempt) -> None:
-        if attempt.content is not None:
-            return
-        if attempt.reading is not None:
-            await asyncio.shield(attempt.reading)
-            return
-        location = attempt.entry.location
-        if location.body_len <= INLINE_READ:
-            self._set_content(attempt, self.spool.read_body(location))
-            return
-        attempt.reading = self.loop.create_future()
-        try:
-            body = await self.loop.run_in_executor(None, self.spool.read_body, location)
-        except OSError as exc:
-            attempt.reading.set_exception(exc)
-            attempt.reading.exception()  # retrieved: other jobs see it through shield
-            attempt.reading = None
-            raise
-        self._set_content(attempt, body)
-        attempt.reading.set_result(None)
-
-    @staticmethod
-    def _set_content(attempt: Attempt, body: bytes) -> None:
-        env = attempt.entry.envelope
-        attempt.body = body
-        attempt.content = dot_stuff(body, env.dot_lines)
-        if env.smtputf8:
-            # Only mail that really carries non-ASCII addresses or headers needs
-            # SMTPUTF8 at the next hop (RFC 6531 §3.4).
-            end = body.find(b"\r\n\r\n")
-            attempt.smtputf8 = not (env.sender.isascii() and all(r.isascii() for r in env.recipients)
-                                    and body[:end if end >= 0 else len(body)].isascii())
+        assert self.agent is not None
+        location = entry.location
+        segment = str(self.spool.segment_path(location.segment))
+        body = self.spool.recent_body(location)
+        for domain, recipients in groups.values():
+            job = Job(attempt, recipients)
+            self.agent.submit(domain, Transfer(
+                env.queue_id, env.sender, [env.recipients[i] for i in recipients], env.body_8bit, env.smtputf8,
+                env.dot_lines, segment, location.body_offset, location.body_len,
+                partial(self._job_done, job), body, partial(_deleted, entry)))
 
     def _job_done(self, job: Job, results: list[RecipientResult], hop: NextHop | None) -> None:
         attempt = job.attempt
@@ -589,7 +406,7 @@ class QueueManager:
         entry = attempt.entry
         env = entry.envelope
         try:
-            body = attempt.body
+            body = self.spool.recent_body(entry.location)
             if body is None:
                 body = await self.loop.run_in_executor(None, self.spool.read_body, entry.location)
             dsn_id = self.queue_ids.next()
@@ -783,9 +600,9 @@ class QueueManager:
         except TimeoutError:
             log.warning("shutdown: %d delivery attempt(s) interrupted; they resume at the next start",
                         self.in_flight)
-        self.closed = True
+        if self.agent is not None:
+            await self.agent.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.connections.close_all()
