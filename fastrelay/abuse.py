@@ -448,15 +448,28 @@ class AbuseDesk:
 
     # -- the pre_delivery hook ------------------------------------------------------------------
 
-    async def pre_delivery(self, envelope: Envelope, location: Location) -> Verdict:
+    def pre_delivery_now(self, envelope: Envelope, location: Location) -> Verdict | None:
+        """The verdict without waiting, or None when ``pre_delivery`` must be awaited.
+
+        The builtin scan alone on a small body (the default) has nothing to
+        wait for, so the queue manager asks here first and spares a task per
+        message.  A quarantine waits for its record to be on disk."""
         if not self.enabled or not envelope.client_ip:
             return DELIVER  # scanning off, or mail the relay made itself (DSNs, notices)
+        if self.clients or location.body_len > INLINE_READ:
+            return None
         track = self._track_for(envelope)
-        if not self.clients and location.body_len <= INLINE_READ:
-            # The builtin scan alone on a small body (the default): nothing to wait
-            # for, so no slot and no task switch.
-            facts, builtin = self._builtin(envelope, self.reader.read(location), track)
-            return await self._decide(envelope, track, facts, [builtin] if builtin else [], [])
+        facts, builtin = self._builtin(envelope, self.reader.read(location), track)
+        results = [builtin] if builtin else []
+        result, action, summary = self._judge(envelope, track, results, [])
+        if action == "quarantine":
+            return None
+        return self._conclude(envelope, track, facts, result, action, summary, [])
+
+    async def pre_delivery(self, envelope: Envelope, location: Location) -> Verdict:
+        if not self.enabled or not envelope.client_ip:
+            return DELIVER
+        track = self._track_for(envelope)
         async with self._slots:
             body = await self._read(location)
             facts, results, errors = await self._scan(envelope, body, track)
@@ -558,7 +571,16 @@ class AbuseDesk:
 
     async def _decide(self, envelope: Envelope, track: SenderTrack | None, facts: ContentFacts,
                       results: list[ScanResult], errors: list[str]) -> Verdict:
-        qid = envelope.queue_id
+        result, action, summary = self._judge(envelope, track, results, errors)
+        verdict = self._conclude(envelope, track, facts, result, action, summary, errors)
+        if action == "quarantine":
+            # The record is on disk before the hold: `quarantine list` can always say why.
+            await self.save()
+        return verdict
+
+    def _judge(self, envelope: Envelope, track: SenderTrack | None, results: list[ScanResult],
+               errors: list[str]) -> tuple[ScanResult, str, str]:
+        """(the decisive result, the action, every result in one line); counts nothing."""
         decisive = None
         for r in results:
             if r.verdict == VIRUS:
@@ -572,18 +594,26 @@ class AbuseDesk:
             raise PreDeliveryDeferred(f"{'; '.join(errors)} (answered: {summary})")
         result = decisive or (results[0] if results else ScanResult("none", CLEAN))
         verdict = result.verdict
-        subject = "" if verdict == CLEAN else facts.subject
-        now = time.time()
-        self.counters["scanned"] += 1
-        self.counters[verdict] += 1
-        if track is not None:
-            self._count(track, envelope, verdict, subject, now)
         if verdict == CLEAN:
             action = "deliver"
         elif verdict == SPAM and self.settings.spam_action == "bounce" and track is not None and track.registered:
             action = "bounce"
         else:
             action = "quarantine"
+        return result, action, summary
+
+    def _conclude(self, envelope: Envelope, track: SenderTrack | None, facts: ContentFacts, result: ScanResult,
+                  action: str, summary: str, errors: list[str]) -> Verdict:
+        """Count the verdict, log it, check the sender's thresholds; a quarantine record is kept
+        (the caller saves it before the hold)."""
+        qid = envelope.queue_id
+        verdict = result.verdict
+        subject = "" if verdict == CLEAN else facts.subject
+        now = time.time()
+        self.counters["scanned"] += 1
+        self.counters[verdict] += 1
+        if track is not None:
+            self._count(track, envelope, verdict, subject, now)
         detail = "" if verdict == CLEAN else _detail(result)
         log.info("%s: scan: verdict=%s, scanner=%s, score=%.1f/%.1f, reasons=%s, action=%s, from=<%s>, "
                  "counted_as=%s, results=%s%s", qid, verdict, result.scanner, result.score, result.threshold,
@@ -605,8 +635,6 @@ class AbuseDesk:
             return Verdict(VerdictAction.BOUNCE, f"message refused as spam ({detail})")
         self.quarantine[qid] = QuarantineRecord(qid, verdict, result.scanner, result.score, result.threshold,
                                                 list(result.reasons), now, subject)
-        # The record is on disk before the hold: `quarantine list` can always say why.
-        await self.save()
         return Verdict(VerdictAction.HOLD, f"quarantine: {verdict} ({detail})")
 
     def _count(self, track: SenderTrack, envelope: Envelope, verdict: str, subject: str, now: float) -> None:

@@ -92,7 +92,8 @@ class Relay:
         self.abuse = AbuseDesk(config, self.spool, self.server.queue_ids, policy.directory)
         policy.suspended = self.abuse.suspended
         self.delivery = QueueManager(config, self.spool, self.server.queue_ids,
-                                     pre_delivery=self.abuse.pre_delivery)
+                                     pre_delivery=self.abuse.pre_delivery,
+                                     pre_delivery_now=self.abuse.pre_delivery_now)
         self.server.on_queued = self.delivery.on_queued
         # The archive (docs/archive.md): every message is archived before its
         # first delivery attempt (pre_delivery), and archiving starts at once
@@ -102,6 +103,7 @@ class Relay:
             self.archive = ArchiveStage.from_config(config, self.spool, self.server.queue_ids)
             self.archive.start(loop, requeue=self.delivery.on_queued, recovered=recovered)
             self.delivery.pre_delivery = self.archive.hook(self.delivery.pre_delivery)
+            self.delivery.pre_delivery_now = None   # the archive copy is awaited first
             self.server.on_queued = self.archive.on_queued(self.server.on_queued)
         self.delivery.start(recovered)
         self.abuse.start(self.delivery)

@@ -105,6 +105,11 @@ DELIVER = Verdict(VerdictAction.DELIVER)
 # delay.
 PreDelivery = Callable[[Envelope, Location], Awaitable[Verdict]]
 
+# Its synchronous front door, asked first when set: the verdict at once, or
+# None when the stage must wait for something (then PreDelivery is awaited).
+# The builtin scan of a small message needs no task per message this way.
+PreDeliveryNow = Callable[[Envelope, Location], "Verdict | None"]
+
 
 class PreDeliveryDeferred(Exception):
     """A pre_delivery hook cannot decide now (e.g. a scanner is down): ask again later.
@@ -160,11 +165,13 @@ class QueueManager:
     """Schedules delivery attempts for every live message and records their outcome."""
 
     def __init__(self, config: Config, spool: Spool, queue_ids: QueueIdGenerator, *,
-                 pre_delivery: PreDelivery | None = None, router: Router | None = None) -> None:
+                 pre_delivery: PreDelivery | None = None, pre_delivery_now: PreDeliveryNow | None = None,
+                 router: Router | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.spool = spool
         self.queue_ids = queue_ids
         self.pre_delivery = pre_delivery
+        self.pre_delivery_now = pre_delivery_now
         self.entries: dict[str, QueueEntry] = {}
         self.in_flight = 0                     # attempts running
         self.stopping = False   # SIGTERM: no new attempts
@@ -239,6 +246,15 @@ class QueueManager:
         if self.pre_delivery is None:
             self._activate(entry)
             return
+        if self.pre_delivery_now is not None:
+            try:
+                verdict = self.pre_delivery_now(entry.envelope, entry.location)
+            except Exception:
+                log.exception("%s: pre-delivery check failed; asking the awaited stage", entry.envelope.queue_id)
+                verdict = None
+            if verdict is not None:
+                self._after_check(entry, verdict)
+                return
         entry.scanning = True
         self._spawn(self._scan(entry, self.pre_delivery))
 
@@ -254,8 +270,11 @@ class QueueManager:
             log.exception("%s: pre-delivery check failed; asking again in %.0fs", qid, self.retry_delays[0])
             verdict = None
         entry.scanning = False
-        if self.entries.get(qid) is not entry:
-            return
+        if self.entries.get(qid) is entry:
+            self._after_check(entry, verdict)
+
+    def _after_check(self, entry: QueueEntry, verdict: Verdict | None) -> None:
+        """Act on the pre-delivery verdict (None: ask again after the first retry delay)."""
         if entry.delete_requested:
             self._remove(entry, "deleted by the administrator")
         elif entry.hold_reason is not None:

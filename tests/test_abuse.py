@@ -257,6 +257,61 @@ def test_builtin_content_signals_and_their_weights() -> None:
     assert facts.virus == "EICAR-Test-File" and facts.subject == "x"
 
 
+def test_the_synchronous_check_answers_clean_mail_and_leaves_a_quarantine_to_the_awaited_one(
+        tmp_path: Path) -> None:
+    """The queue manager asks ``pre_delivery_now`` first: clean mail is judged (and counted) at
+    once; a quarantine must wait for its record to be on disk, so the quick path declines it
+    without counting anything, and the awaited path judges it once."""
+    import asyncio
+
+    from fastrelay.abuse import AbuseDesk, state_path
+    from fastrelay.delivery import VerdictAction
+    from fastrelay.policy import Directory
+    from fastrelay.spool import QueueIdGenerator
+
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[[accounts]]\nname = "example"\ndomains = ["example.com"]\n'
+                   '[[accounts.rules]]\nname = "lo"\nallowed_senders = "my_domains"\nonly_allowed_ips = true\n'
+                   'ips = [ { range = "127.0.0.0/24" } ]\n'
+                   f'[abuse]\nstate_dir = "{tmp_path / "abuse"}"\n')
+    config = load_config(cfg)
+
+    async def run() -> None:
+        spool = Spool(tmp_path / "spool")
+        spool.recover()
+        spool.start(asyncio.get_running_loop())
+        ids = QueueIdGenerator()
+        desk = AbuseDesk(config, spool, ids, Directory(config))
+
+        async def queued(body: bytes) -> tuple[Envelope, Any]:
+            env = Envelope(ids.next(), time.time(), "127.0.0.1", HELO, "alice@example.com", ["bob@dest.test"],
+                           account="example")
+            location = await spool.append_message(env, (body,))
+            assert location is not None
+            return env, location
+
+        clean = await queued(message("alice@example.com", "hello"))
+        verdict = desk.pre_delivery_now(*clean)
+        assert verdict is not None and verdict.action == VerdictAction.DELIVER
+        assert desk.counters["scanned"] == 1 and desk.counters["clean"] == 1
+
+        spam = await queued(message("alice@example.com", "offer", GTUBE))
+        assert desk.pre_delivery_now(*spam) is None
+        assert desk.counters["scanned"] == 1 and desk.counters["spam"] == 0   # nothing counted twice
+        held = await desk.pre_delivery(*spam)
+        assert held.action == VerdictAction.HOLD and desk.counters["spam"] == 1
+        assert spam[0].queue_id in state_path(config).read_text()             # on disk before the hold
+
+        relay_made = Envelope(ids.next(), time.time(), "", "relay.test", "", ["alice@example.com"])
+        assert desk.pre_delivery_now(relay_made, clean[1]) is not None        # DSNs and notices: not scanned
+        assert desk.counters["scanned"] == 2
+        await desk.close(1.0)
+        desk.reader.close()
+        spool.close()
+
+    asyncio.run(run())
+
+
 # --- each daemon ---------------------------------------------------------------------------------
 
 
