@@ -75,6 +75,16 @@ log = MailLog("fastrelay.delivery")
 
 _EVENT_OF_OUTCOME = {Outcome.SENT: "delivery", Outcome.DEFERRED: "deferral", Outcome.BOUNCED: "bounce"}
 
+# Spool compaction: a message that keeps the oldest segment (and so every
+# later one) on disk, that segment closed at least COMPACT_AGE seconds ago, is
+# copied forward, up to COMPACT_BATCH_BYTES of bodies per pass, a pass every
+# COMPACT_INTERVAL seconds.  A message copied forward is copied again only
+# when its new segment has become the oldest: the cost follows what stays
+# queued, not the traffic.
+COMPACT_AGE = 300.0
+COMPACT_INTERVAL = 60.0
+COMPACT_BATCH_BYTES = 64 * 1024 * 1024
+
 # An attempt still running after this long gets its ``active`` state record.
 ACTIVE_RECORD_DELAY = 0.5
 
@@ -132,6 +142,7 @@ class QueueEntry:
     attempt: Attempt | None = None      # the attempt in flight
     active_timer: asyncio.TimerHandle | None = None   # writes the active record of a long attempt
     scanning: bool = False              # the pre_delivery hook is running
+    moving: bool = False                # being copied forward in the spool (see compact)
     hold_reason: str | None = None      # hold when the current attempt or scan ends
     delete_requested: bool = False      # remove when the current attempt ends
 
@@ -182,6 +193,9 @@ class QueueManager:
         self.delay_histogram = DelayHistogram()  # read by metrics.py
         self.enabled = False
         self.agent: SessionPool | None = None   # made when delivery is enabled
+        self.compact_age = COMPACT_AGE
+        self._compact_timer: asyncio.TimerHandle | None = None
+        self._compacting = False
         self.apply(config, router)
 
     # -- configuration ---------------------------------------------------------------
@@ -215,6 +229,7 @@ class QueueManager:
             self.entries[m.envelope.queue_id] = entry
         if self.enabled and recovered:
             self._resume_all()
+        self._compact_timer = self.loop.call_later(COMPACT_INTERVAL, self._compact_due)
 
     def _resume_all(self) -> None:
         counts: dict[str, int] = {}
@@ -243,6 +258,9 @@ class QueueManager:
 
     def _admit(self, entry: QueueEntry) -> None:
         """incoming -> (pre_delivery) -> active or hold."""
+        if entry.moving:
+            entry.timer = self.loop.call_later(1.0, self._admit, entry)
+            return
         if self.pre_delivery is None:
             self._activate(entry)
             return
@@ -316,6 +334,9 @@ class QueueManager:
     def _activate(self, entry: QueueEntry) -> None:
         """Start a delivery attempt: split the pending recipients per destination."""
         if not self.enabled or self.stopping or entry.attempt is not None:
+            return
+        if entry.moving:   # its body changes place: try again in a moment
+            self._schedule(entry, time.time() + 1.0)
             return
         if entry.timer is not None:
             entry.timer.cancel()
@@ -532,6 +553,63 @@ class QueueManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    # -- spool compaction ------------------------------------------------------------------
+
+    def _compact_due(self) -> None:
+        self._compact_timer = None
+        if self.stopping:
+            return
+        if not self._compacting:
+            self._spawn(self.compact())
+        self._compact_timer = self.loop.call_later(COMPACT_INTERVAL, self._compact_due)
+
+    async def compact(self) -> int:
+        """Copy forward the idle messages that keep the oldest spool segment; returns how many."""
+        head = self.spool.head_segment(self.compact_age)
+        if head is None or self._compacting:
+            return 0
+        self._compacting = True
+        moved = budget = 0
+        try:
+            for entry in [e for e in self.entries.values() if e.location.segment == head]:
+                if entry.attempt is not None or entry.scanning or entry.moving or self.stopping:
+                    continue   # busy now: the next pass takes it
+                if await self._copy_forward(entry):
+                    moved += 1
+                budget += entry.location.body_len
+                if budget >= COMPACT_BATCH_BYTES:
+                    break
+        finally:
+            self._compacting = False
+        if moved:
+            log.info("spool: %d message(s) copied forward out of segment %d", moved, head)
+        return moved
+
+    async def _copy_forward(self, entry: QueueEntry) -> bool:
+        qid, old = entry.envelope.queue_id, entry.location
+        entry.moving = True
+        try:
+            body = self.spool.recent_body(old)
+            if body is None:
+                body = await self.loop.run_in_executor(None, self.spool.read_body, old)
+            new = await self.spool.append_message(entry.envelope, (body,))
+            assert new is not None
+            self.spool.release_body(new)   # not needed in memory: it waits for its next attempt
+            if self.entries.get(qid) is not entry:
+                # Removed while it was copied: the copy must be done too.
+                self._write_state(DeliveryState(qid, MessageState.DONE))
+                return False
+            if entry.state.state != MessageState.INCOMING:
+                await self.spool.append_state(entry.state)
+            entry.location = new
+            self.spool.moved_out(old.segment)
+            return True
+        except (SpoolError, OSError) as exc:
+            log.error("%s: cannot copy forward out of segment %d: %s", qid, old.segment, exc)
+            return False
+        finally:
+            entry.moving = False
+
     # -- administration (the control socket) ----------------------------------------------
 
     def flush(self) -> int:
@@ -610,6 +688,9 @@ class QueueManager:
     async def stop(self, timeout: float) -> None:
         """Let running attempts finish (up to ``timeout``), then stop; the rest resumes at restart."""
         self.stopping = True
+        if self._compact_timer is not None:
+            self._compact_timer.cancel()
+            self._compact_timer = None
         for entry in self.entries.values():
             if entry.timer is not None:
                 entry.timer.cancel()

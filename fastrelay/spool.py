@@ -23,9 +23,13 @@ recovery detects and cuts off.  Kinds:
   deferral, hold, done).  The newest state record of a queue id wins.
 
 A segment is deleted once every message in it is done and every older
-segment is gone (so no state record about a live message is ever lost); a
-long-deferred message that pins an old segment is copied forward (``M`` again,
-with its state) so that the segment can go.
+segment is gone (so no state record about a live message is ever lost).  A
+long-deferred (or held) message would so keep its segment and every later
+one; the queue manager copies such messages forward: ``M`` again in the
+current segment, then its latest state, and only once both are durable does
+the old segment stop counting it (``head_segment``, ``moved_out``).  Recovery
+takes the newest ``M`` record of a queue id as its location and keeps the
+state it had, so a crash between the two leaves the old copy in charge.
 
 The writes and fsyncs happen on one writer thread so the event loop never
 blocks on the disk; completion comes back with one ``call_soon_threadsafe``
@@ -212,9 +216,10 @@ class _Batch:
 class Spool:
     """Append-only segment log; the only place messages are made durable."""
 
-    def __init__(self, directory: Path | str) -> None:
+    def __init__(self, directory: Path | str, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.directory = Path(directory)
         self.segments_dir = self.directory / "segments"
+        self.segment_bytes = segment_bytes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -227,6 +232,8 @@ class Spool:
         # live message count per segment, to know when a segment can go
         self._live: dict[int, int] = {}
         self._where: dict[str, int] = {}
+        # when each segment before the current one stopped taking records
+        self._closed_at: dict[int, float] = {}
         self.failed: OSError | None = None
         # Bodies just written, kept for the stages that read them right back
         # (scanning, then the first delivery attempt): reading each one from
@@ -255,6 +262,8 @@ class Spool:
             self._live[m.segment] = self._live.get(m.segment, 0) + 1
             self._where[m.envelope.queue_id] = m.segment
         self._segment = last
+        now = time.time()
+        self._closed_at = {number: now for number in self._live}
         # Every start writes to a fresh segment, so a torn tail is never appended to.
         self._open_segment(last + 1)
         self._drop_dead_segments()
@@ -429,7 +438,7 @@ class Spool:
     def _write_batch(self, batch: _Batch) -> OSError | None:
         start = self._offset
         try:
-            if self._offset >= SEGMENT_BYTES:
+            if self._offset >= self.segment_bytes:
                 self._open_segment(self._segment + 1)
                 start = 0
             parts: list[bytes | bytearray | memoryview] = []
@@ -485,6 +494,7 @@ class Spool:
     def _open_segment(self, number: int) -> None:
         if self._fd >= 0:
             os.close(self._fd)
+            self._closed_at[self._segment] = time.time()
         path = self.segments_dir / _segment_name(number)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._segment = number
@@ -506,7 +516,29 @@ class Spool:
             if number >= self._segment or self._live.get(number, 0) > 0:
                 break
             self._live.pop(number, None)
+            self._closed_at.pop(number, None)
             path.unlink(missing_ok=True)
+
+    # -- copying forward (the queue manager decides what) ----------------------
+
+    def head_segment(self, min_age: float) -> int | None:
+        """The oldest segment, when live messages keep it (and every later one)
+        on disk and it stopped taking records at least ``min_age`` seconds ago."""
+        if not self._live:
+            return None
+        head = min(self._live)
+        if head >= self._segment or self._live[head] <= 0:
+            return None
+        closed = self._closed_at.get(head)
+        return head if closed is not None and time.time() - closed >= min_age else None
+
+    def moved_out(self, segment: int) -> None:
+        """A live message of ``segment`` is durable again further on (its message
+        record and its latest state): it no longer keeps that segment."""
+        if segment in self._live:
+            self._live[segment] -= 1
+            if self._live[segment] <= 0 and segment < self._segment:
+                self._drop_dead_segments()
 
     # -- reading ---------------------------------------------------------------
 

@@ -650,3 +650,84 @@ def test_pre_delivery_hook_holds_a_message_before_any_attempt(tmp_path: Path) ->
         sink.stop()
         dns.stop()
     assert sink.messages[-1].content.startswith(b"Subject: spam")
+
+
+def test_a_long_deferred_message_is_copied_forward_and_the_segments_it_kept_go(tmp_path: Path) -> None:
+    """Segments are deleted oldest first, so one deferred message would keep every later
+    segment on disk for up to max_queue_lifetime.  Compaction copies it forward (message,
+    then its state); the old segments go, and after a restart the message is still there,
+    byte for byte, with its attempts and last error.  In process, with a real spool (small
+    segments), DNS server and sink."""
+    import asyncio
+
+    from fastrelay.config import Config, DeliveryConfig, ServerConfig
+    from fastrelay.delivery import QueueManager
+    from fastrelay.spool import Envelope, QueueIdGenerator
+
+    dns = TestDns().start()
+    dns.zone.a("dest.test", "127.0.0.2")
+    port = free_port()
+    sink = Sink("127.0.0.2", port, rcpt_reply_for={"stuck@dest.test": "451 4.3.0 Try again later"}).start()
+    config = Config(server=ServerConfig(hostname="relay.example.test"),
+                    delivery=DeliveryConfig(nameservers=[dns.address], mx_port=port, retry_schedule=["1h"]))
+    directory = tmp_path / "spool"
+    spool = Spool(directory, segment_bytes=16 * 1024)
+    spool.recover()
+    stuck_body = b"Subject: stuck\r\n\r\n" + (b"0123456789abcdef" * 4 + b"\r\n") * 64
+
+    def segments() -> list[int]:
+        return sorted(int(p.stem) for p in (directory / "segments").glob("*.log"))
+
+    def on_disk() -> dict[str, Any]:
+        return {m.envelope.queue_id: m for m in Spool(directory).scan()}
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        for _ in range(300):
+            if predicate():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("timed out")
+
+    async def scenario() -> str:
+        spool.start(asyncio.get_running_loop())
+        ids = QueueIdGenerator()
+        manager = QueueManager(config, spool, ids)
+        manager.start([])
+
+        async def queue(rcpt: str, body: bytes) -> str:
+            envelope = Envelope(ids.next(), time.time(), "127.0.0.1", "mail.example.com", SENDER, [rcpt])
+            location = await spool.append_message(envelope, (body,))
+            assert location is not None
+            manager.on_queued(envelope, location)
+            return envelope.queue_id
+
+        stuck = await queue("stuck@dest.test", stuck_body)
+        await until(lambda: stuck in on_disk() and on_disk()[stuck].state.attempts == 1)
+        first = manager.entries[stuck].location.segment
+        for i in range(20):
+            await queue("ok@dest.test", f"Subject: {i}\r\n\r\n".encode() + (b"x" * 78 + b"\r\n") * 50)
+        await until(lambda: len(sink.messages) == 20 and set(on_disk()) == {stuck})
+        kept = segments()
+        assert kept[0] == first and len(kept) >= 4, kept      # every later segment is kept
+
+        assert await manager.compact() == 0                    # the oldest segment is too young
+        manager.compact_age = 0
+        assert await manager.compact() == 1
+        assert manager.entries[stuck].location.segment == kept[-1]
+        assert segments() == [kept[-1]]                        # the rest is gone
+        assert await manager.compact() == 0
+        await manager.stop(5)
+        spool.close()
+        return stuck
+
+    try:
+        stuck = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        sink.stop()
+        dns.stop()
+    again = Spool(directory)
+    (message,) = again.recover()
+    assert message.envelope.queue_id == stuck
+    assert message.state.state == MessageState.DEFERRED and message.state.attempts == 1
+    assert "451 4.3.0 Try again later" in message.state.last_error
+    assert again.read_body(message) == stuck_body

@@ -333,6 +333,51 @@ def test_newer_segment_waits_for_older_live_ones(tmp_path: Path, run: Callable[[
     assert m.envelope == envelope(0) and m.state == DeliveryState("Q000000", MessageState.DEFERRED, attempts=4)
 
 
+def test_a_message_copied_forward_keeps_its_state_and_frees_the_old_segment(
+        tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    """Copy-forward as the queue manager does it: message again, its state again, then
+    moved_out.  A crash after the message record alone leaves the old state in charge;
+    after both, the old segments go and recovery finds the copy with its state."""
+    spool = Spool(tmp_path)
+    spool.recover()
+    run(append(spool, [0]))                                      # segment 1: message 0
+
+    spool = Spool(tmp_path)
+    [m0] = spool.recover()                                       # segment 2
+    old = Location(m0.segment, m0.body_offset, m0.body_len)
+    assert spool.head_segment(min_age=3600) is None              # closed just now
+    assert spool.head_segment(min_age=0) == 1
+
+    async def copy_message_only() -> None:
+        spool.start(asyncio.get_running_loop())
+        await spool.append_state(DeliveryState("Q000000", MessageState.DEFERRED, attempts=3, last_error="451"))
+        await spool.append_message(envelope(0), (spool.read_body(old),))
+        spool.close()                                            # "crash" before the state
+
+    run(copy_message_only())
+    spool = Spool(tmp_path)
+    [m] = spool.recover()                                        # segment 3
+    assert m.segment == 2 and m.state.attempts == 3              # the copy, with the older state
+    assert segments(tmp_path) == ["00000002.log", "00000003.log"]   # nothing lives in 1 now
+    moved_from = m.segment
+
+    async def copy_fully() -> Location | None:
+        spool.start(asyncio.get_running_loop())
+        new = await spool.append_message(envelope(0), (spool.read_body(m),))
+        await spool.append_state(m.state)
+        spool.moved_out(moved_from)
+        spool.close()
+        return new
+
+    assert spool.head_segment(min_age=0) == 2
+    new = run(copy_fully())
+    assert new is not None and new.segment == 3
+    assert segments(tmp_path) == ["00000003.log"]
+    [again] = recovered(tmp_path)
+    assert again.segment == 3 and again.state == m.state
+    check_messages(tmp_path, [again], [0])
+
+
 # -- group commit ------------------------------------------------------------------------------
 
 
