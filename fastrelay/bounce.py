@@ -69,8 +69,13 @@ def _clip(text: str) -> str:
 
 
 def build_dsn(*, reporting_mta: str, dsn_queue_id: str, original_queue_id: str, sender: str,
-              arrival: float, failed: list[FailedRecipient], original: bytes, now: float) -> Notification:
-    """The whole DSN message, CRLF line ends, ready to be spooled."""
+              arrival: float, failed: list[FailedRecipient], original: bytes, now: float,
+              retry_until: float | None = None) -> Notification:
+    """The whole DSN message, CRLF line ends, ready to be spooled.
+
+    With ``retry_until`` it is a delay warning (every recipient's action is
+    "delayed", RFC 3464 §2.3.3): the message is still queued and will be
+    tried until then."""
     headers = original_headers(original)
     utf8_addresses = not (sender.isascii() and all(f.address.isascii() for f in failed))
     utf8_headers = not headers.isascii()
@@ -80,20 +85,41 @@ def build_dsn(*, reporting_mta: str, dsn_queue_id: str, original_queue_id: str, 
     headers_type = "message/global-headers" if utf8_headers else "text/rfc822-headers"
     address_type = "utf-8" if utf8_addresses else "rfc822"
 
-    text = [
-        f"This is the mail system at host {reporting_mta}.",
-        "",
-        "I'm sorry to have to inform you that your message could not",
-        "be delivered to one or more recipients. It's attached below.",
-        "",
-        "For further assistance, please send mail to postmaster.",
-        "",
-        "If you do so, please include this problem report. You can",
-        "delete your own text from the attached returned message.",
-        "",
-        "                   The mail system",
-        "",
-    ]
+    if retry_until is None:
+        subject = "Undelivered Mail Returned to Sender"
+        text = [
+            f"This is the mail system at host {reporting_mta}.",
+            "",
+            "I'm sorry to have to inform you that your message could not",
+            "be delivered to one or more recipients. It's attached below.",
+            "",
+            "For further assistance, please send mail to postmaster.",
+            "",
+            "If you do so, please include this problem report. You can",
+            "delete your own text from the attached returned message.",
+            "",
+            "                   The mail system",
+            "",
+        ]
+    else:
+        # Postfix's wording for its delay_warning_time notices.
+        subject = "Delayed Mail (still being retried)"
+        hours = max(0.0, now - arrival) / 3600
+        text = [
+            f"This is the mail system at host {reporting_mta}.",
+            "",
+            "####################################################################",
+            "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
+            "####################################################################",
+            "",
+            f"Your message could not be delivered for {hours:.1f} hour(s).",
+            f"It will be retried until {email.utils.formatdate(retry_until, localtime=True)}.",
+            "",
+            "For further assistance, please send mail to postmaster.",
+            "",
+            "                   The mail system",
+            "",
+        ]
     for f in failed:
         text.append(_clip(f"<{f.address}>: {f.detail}"))
         text.append("")
@@ -116,6 +142,8 @@ def build_dsn(*, reporting_mta: str, dsn_queue_id: str, original_queue_id: str, 
         else:
             report.append(_clip(f"Diagnostic-Code: X-Fastrelay; {f.detail}"))
         report.append(f"Last-Attempt-Date: {date}")
+        if retry_until is not None:
+            report.append(f"Will-Retry-Until: {email.utils.formatdate(retry_until, localtime=True)}")
         report.append("")
 
     top = [
@@ -123,7 +151,7 @@ def build_dsn(*, reporting_mta: str, dsn_queue_id: str, original_queue_id: str, 
         f"Date: {date}",
         f"From: MAILER-DAEMON@{reporting_mta} (Mail Delivery System)",
         f"To: {sender}",
-        "Subject: Undelivered Mail Returned to Sender",
+        f"Subject: {subject}",
         f"Message-ID: <{dsn_queue_id}@{reporting_mta}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",

@@ -172,6 +172,8 @@ class DeliveryConfig(Section):
     nameservers: list[str] = msgspec.field(default_factory=list)
     mx_port: int = 25
     max_queue_lifetime: str | int = "5d"
+    # A "delayed" DSN to the sender once a message has waited this long (0: never, as Postfix's default).
+    delay_warning: str | int = 0
     retry_schedule: list[str | int] = msgspec.field(
         default_factory=lambda: ["1m", "1m", "3m", "5m", "10m", "20m", "40m", "1h", "2h"]
     )
@@ -457,7 +459,8 @@ def validate(config: Config) -> None:
                 fail(f"limits.{status}.{field}", "must be at least 1")
 
     d = config.delivery
-    for key, value in (("delivery.max_queue_lifetime", d.max_queue_lifetime),):
+    for key, value in (("delivery.max_queue_lifetime", d.max_queue_lifetime),
+                       ("delivery.delay_warning", d.delay_warning)):
         try:
             parse_duration(value)
         except ValueError as exc:

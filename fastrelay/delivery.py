@@ -209,6 +209,7 @@ class QueueManager:
         self.enabled = d.enabled
         self.spool.recent_budget = RECENT_BODIES_BUDGET if d.enabled else 0
         self.lifetime = parse_duration(d.max_queue_lifetime)
+        self.delay_warning = parse_duration(d.delay_warning)
         self.retry_delays = [parse_duration(v) for v in d.retry_schedule] or [300.0]
         # The router only groups recipients per destination here; the agent
         # resolves and connects.
@@ -358,7 +359,7 @@ class QueueManager:
             log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active, attempt %d)", env.queue_id, env.sender,
                      entry.location.body_len, len(env.recipients) - len(done), state.attempts + 1)
         entry.state = DeliveryState(env.queue_id, MessageState.ACTIVE, state.attempts, 0.0,
-                                    state.done_recipients, state.last_error)
+                                    state.done_recipients, state.last_error, state.warned)
         entry.active_timer = self.loop.call_later(ACTIVE_RECORD_DELAY, self._record_active, entry)
         attempt = Attempt(entry, len(groups))
         entry.attempt = attempt
@@ -404,7 +405,7 @@ class QueueManager:
             sent = {i for i, r in attempt.results.items() if r.outcome == Outcome.SENT}
             state = entry.state
             entry.state = DeliveryState(env.queue_id, MessageState.ACTIVE, state.attempts, 0.0,
-                                        sorted(sent.union(state.done_recipients)), state.last_error)
+                                        sorted(sent.union(state.done_recipients)), state.last_error, state.warned)
             self._write_state(entry.state)
 
     def _finish(self, attempt: Attempt) -> None:
@@ -444,6 +445,25 @@ class QueueManager:
                                   pending: list[tuple[int, RecipientResult]]) -> None:
         """Queue a DSN for the failed recipients (durably) before recording them as done."""
         entry = attempt.entry
+        dsn_id = await self._queue_dsn(entry, failed, "failed")
+        if dsn_id is None:
+            # Keep the failed recipients pending: the next attempt fails them again
+            # and tries the notification again.
+            pending = pending + failed
+            failed = []
+        else:
+            log.info("%s: sender non-delivery notification: %s", entry.envelope.queue_id, dsn_id)
+        self._record(attempt, attempts, sent + [i for i, _ in failed], pending)
+
+    async def _warn_sender(self, entry: QueueEntry, pending: list[tuple[int, RecipientResult]]) -> None:
+        """Queue a delay warning (a "delayed" DSN) for the recipients still pending."""
+        dsn_id = await self._queue_dsn(entry, pending, "delayed")
+        if dsn_id is not None:
+            log.info("%s: sender delay notification: %s", entry.envelope.queue_id, dsn_id)
+
+    async def _queue_dsn(self, entry: QueueEntry, about: list[tuple[int, RecipientResult]],
+                         action: str) -> str | None:
+        """Make a DSN durable in the spool and hand it to delivery; its queue id, or None."""
         env = entry.envelope
         try:
             body = self.spool.recent_body(entry.location)
@@ -454,27 +474,24 @@ class QueueManager:
             notification = build_dsn(
                 reporting_mta=self.hostname, dsn_queue_id=dsn_id, original_queue_id=env.queue_id,
                 sender=env.sender, arrival=env.arrival, now=now, original=body,
+                retry_until=env.arrival + self.lifetime if action == "delayed" else None,
                 failed=[FailedRecipient(env.recipients[i], r.dsn, r.detail,
-                                        str(r.reply) if r.reply is not None else "", r.remote)
-                        for i, r in sorted(failed)])
+                                        str(r.reply) if r.reply is not None else "", r.remote, action)
+                        for i, r in sorted(about)])
             dsn_envelope = Envelope(
                 queue_id=dsn_id, arrival=now, client_ip="", client_helo=self.hostname, sender="",
                 recipients=[env.sender], account=env.account,
                 smtputf8=notification.utf8, body_8bit=notification.eight_bit)
             location = await self.spool.append_message(dsn_envelope, (notification.content,))
         except (SpoolError, OSError) as exc:
-            # Keep the failed recipients pending: the next attempt fails them again
-            # and tries the notification again.
-            log.error("%s: cannot queue the non-delivery notification: %s", env.queue_id, exc)
-            pending = pending + failed
-            failed = []
-        else:
-            self.counters["notifications"] += 1
-            log.info("%s: sender non-delivery notification: %s", env.queue_id, dsn_id)
-            log.info("%s: from=<>, size=%d, nrcpt=1 (queue active)", dsn_id, len(notification.content))
-            if location is not None:
-                self.on_queued(dsn_envelope, location)
-        self._record(attempt, attempts, sent + [i for i, _ in failed], pending)
+            log.error("%s: cannot queue the %s notification: %s", env.queue_id,
+                      "non-delivery" if action == "failed" else "delay", exc)
+            return None
+        self.counters["notifications"] += 1
+        log.info("%s: from=<>, size=%d, nrcpt=1 (queue active)", dsn_id, len(notification.content))
+        if location is not None:
+            self.on_queued(dsn_envelope, location)
+        return dsn_id
 
     def _record(self, attempt: Attempt, attempts: int, finished: list[int],
                 pending: list[tuple[int, RecipientResult]]) -> None:
@@ -498,17 +515,26 @@ class QueueManager:
             return
         last_error = pending[0][1].detail
         if entry.hold_reason is not None:
-            entry.state = DeliveryState(env.queue_id, MessageState.HOLD, attempts, 0.0, done, last_error)
+            entry.state = DeliveryState(env.queue_id, MessageState.HOLD, attempts, 0.0, done, last_error,
+                                        state.warned)
             self._write_state(entry.state)
             log.info("%s: hold: %s", env.queue_id, entry.hold_reason)
             entry.hold_reason = None
             return
         delay = self.retry_delays[min(attempts - 1, len(self.retry_delays) - 1)]
-        next_attempt = time.time() + delay
-        entry.state = DeliveryState(env.queue_id, MessageState.DEFERRED, attempts, next_attempt, done, last_error)
+        now = time.time()
+        next_attempt = now + delay
+        # The delay warning is marked in the same record: a crash before the
+        # notice is queued loses the notice, never sends it twice.
+        warn = (self.delay_warning > 0 and not state.warned and bool(env.sender)
+                and now - env.arrival >= self.delay_warning)
+        entry.state = DeliveryState(env.queue_id, MessageState.DEFERRED, attempts, next_attempt, done, last_error,
+                                    state.warned or warn)
         self._write_state(entry.state)
         log.info("%s: deferred: %d recipient(s) pending after attempt %d; next attempt in %s s",
                  env.queue_id, len(pending), attempts, format_delay(delay))
+        if warn:
+            self._spawn(self._warn_sender(entry, pending))
         if not self.stopping:
             self._schedule(entry, next_attempt)
 
@@ -533,7 +559,8 @@ class QueueManager:
             entry.timer = None
         entry.hold_reason = None
         s = entry.state
-        entry.state = DeliveryState(s.queue_id, MessageState.HOLD, s.attempts, 0.0, s.done_recipients, s.last_error)
+        entry.state = DeliveryState(s.queue_id, MessageState.HOLD, s.attempts, 0.0, s.done_recipients, s.last_error,
+                                    s.warned)
         self._write_state(entry.state)
         log.info("%s: hold: %s", s.queue_id, reason)
 
@@ -640,7 +667,7 @@ class QueueManager:
             raise LookupError(f"{queue_id} is not on hold")
         s = entry.state
         entry.state = DeliveryState(s.queue_id, MessageState.DEFERRED, s.attempts, time.time(),
-                                    s.done_recipients, s.last_error)
+                                    s.done_recipients, s.last_error, s.warned)
         self._write_state(entry.state)
         log.info("%s: released from hold", queue_id)
         self._activate(entry)

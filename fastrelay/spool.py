@@ -107,6 +107,7 @@ class DeliveryState(msgspec.Struct, array_like=True, omit_defaults=True):
     next_attempt: float = 0.0        # wall-clock time
     done_recipients: list[int] = msgspec.field(default_factory=list)  # indexes: sent or bounced
     last_error: str = ""
+    warned: bool = False             # the sender got the delay warning
 
 
 _env_encoder = msgspec.msgpack.Encoder()

@@ -326,6 +326,31 @@ def test_permanent_failure_returns_a_dsn_with_the_original_headers(world: World)
     wait_drained(relay)
 
 
+def test_a_delay_warning_reaches_the_sender_once_while_the_message_is_retried(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    world.sink("127.0.0.2", rcpt_reply_for={"slow@dest.test": "451 4.2.0 Mailbox busy"})
+    sender_sink = world.sender_sink()
+    relay = world.start(retry='["1s"]', extra='delay_warning = "1s"\n')
+    qid = send(relay, ["slow@dest.test"], subject="status report")
+    quiet = send(relay, ["slow@dest.test"], sender="")            # the null sender is never warned
+    [dsn] = sender_sink.wait(1, timeout=15)
+    assert dsn.mail_from == "" and dsn.rcpt_tos == [SENDER]
+    assert parse(dsn.content)["Subject"] == "Delayed Mail (still being retried)"
+    text, blocks, headers = dsn_parts(dsn.content)
+    assert "THIS IS A WARNING ONLY" in text and "<slow@dest.test>: host dest.test[127.0.0.2] said: 451" in text
+    [rcpt] = blocks[1:]
+    assert rcpt["Action"] == "delayed" and rcpt["Status"] == "4.2.0"
+    assert rcpt["Diagnostic-Code"] == "smtp; 451 4.2.0 Mailbox busy" and rcpt["Will-Retry-Until"]
+    assert "Subject: status report" in headers
+    log = relay.wait_log(f"{qid}: sender delay notification: ")
+    wait_until(lambda: "(queue active, attempt 4)" in relay.log(), 15, "a fourth attempt")   # retried on ...
+    assert qid in queue_states(relay) and queue_states(relay)[qid].warned
+    time.sleep(0.5)
+    assert len(sender_sink.messages) == 1                              # ... without a second warning
+    assert f"{quiet}: sender delay notification" not in relay.log()
+    assert "sender delay notification" in log
+
+
 def test_mail_from_the_null_sender_is_never_bounced(world: World) -> None:
     world.zone.a("dest.test", "127.0.0.2")
     world.sink("127.0.0.2", rcpt_replies=["550 5.1.1 no such user"])
