@@ -1024,7 +1024,10 @@ class SmtpSession(asyncio.Protocol):
         self._reset_transaction()
         self.state = State.READY
         if server.on_queued is not None and location is not None:
-            server.on_queued(envelope, location)
+            # The hand-off runs after this reply is written: the 250 never
+            # waits for the stages behind the spool (a synchronous scan, the
+            # start of a delivery attempt), nor do the other 250s of its batch.
+            server.loop.call_soon(server.on_queued, envelope, location)
         return b"250 2.0.0 Ok: queued as " + queue_id.encode() + b"\r\n"
 
     def _received_header(self, queue_id: str, now: float) -> bytes:
