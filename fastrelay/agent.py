@@ -14,7 +14,12 @@ A job queue per destination is served by up to
 delivers transfer after transfer over one connection, so messages to one
 destination share connections, and connections left idle are cached for
 ``connection_idle_time`` seconds.  A body is read (and dot-stuffed) once for
-all the transfers of it in flight.
+all the transfers of it in flight.  A destination that cannot be reached
+(no next hop answers, or DNS fails for now) is suspended until the first
+``retry_schedule`` delay has passed: the transfers queued behind the failing
+one, and those that come meanwhile, are deferred at once ("delivery
+temporarily suspended: ...") instead of each waiting for its own connect
+timeout, as Postfix marks a destination dead.
 
 Why not a child process, as Postfix's smtp(8)?  It was built and measured
 (bench/e2e_delivery.py's 1k-new case on the 2-core benchmark machine): the
@@ -25,7 +30,8 @@ extra process only added IPC work; end to end it was 0-10% slower.
 Config keys read: delivery.concurrency (50), delivery.per_destination_concurrency
 (10), delivery.connection_idle_time (5 s), delivery.connect_timeout,
 delivery.command_timeout, delivery.ca_file, delivery.routes,
-delivery.nameservers, delivery.mx_port; server.hostname.
+delivery.nameservers, delivery.mx_port, delivery.retry_schedule (its first
+delay: how long a dead destination stays suspended); server.hostname.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Config
+from .config import Config, parse_duration
 from .logs import MailLog
 from .routing import Destination, NextHop, Router, RoutingError
 from .smtp_client import (
@@ -54,6 +60,8 @@ from .smtp_client import (
 )
 
 log = MailLog("fastrelay.agent")
+
+SUSPENDED = "delivery temporarily suspended: "
 
 # Bodies up to this size are read on the agent's event loop (a page-cache hit
 # costs microseconds); larger ones in a thread.
@@ -114,6 +122,9 @@ class SessionPool:
         self.waiting: dict[str, None] = {}    # destination keys with transfers but no session (ordered set)
         self.sessions = 0
         self.closed = False
+        # Destinations that could not be reached: until when, and the result
+        # that transfers to them get meanwhile without a connection attempt.
+        self.suspended: dict[str, tuple[float, RecipientResult]] = {}
         self.connections = ConnectionCache(config.delivery.connection_idle_time)
         self._contents: dict[tuple[str, int], _Content] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -131,6 +142,9 @@ class SessionPool:
         self.tls_contexts = {p: client_tls_context(p, ca_file)
                              for p in ("none", "opportunistic", "required", "verify")}
         self.connections.idle_time = d.connection_idle_time
+        # A dead destination is not tried again before the first retry delay:
+        # the mail deferred by it would not be retried sooner either.
+        self.suspend_time = parse_duration(d.retry_schedule[0]) if d.retry_schedule else 300.0
 
     def _settings_for(self, destination: Destination) -> ClientSettings:
         d = self.config.delivery
@@ -170,6 +184,10 @@ class SessionPool:
         if self._outstanding == 0:
             self._idle.set()
         transfer.done(results, hop)
+
+    def forget_failures(self) -> None:
+        """Try every destination again (the administrator's queue flush)."""
+        self.suspended.clear()
 
     def _start_sessions(self, queue: DestinationQueue) -> None:
         if self.closed:
@@ -240,6 +258,12 @@ class SessionPool:
             if conn is None:
                 conn = self.connections.take(key)
             if conn is None:
+                suspended = self.suspended.get(key)
+                if suspended is not None:
+                    if self.loop.time() < suspended[0]:
+                        self._fail_queue(queue, transfer, suspended[1])
+                        return None
+                    del self.suspended[key]
                 try:
                     conn = await self._connect(queue)
                 except RoutingError as exc:
@@ -275,9 +299,12 @@ class SessionPool:
     def _fail_queue(self, queue: DestinationQueue, transfer: Transfer, result: RecipientResult) -> None:
         """No next hop for this destination: the transfer fails, and so do those waiting behind it."""
         self._finish(transfer, [result] * len(transfer.recipients), None)
-        if result.outcome == Outcome.DEFERRED:
-            # As Postfix: do not knock again at a door that just failed to open.
-            result = result._replace(detail=f"delivery temporarily suspended: {result.detail}")
+        if result.outcome == Outcome.DEFERRED and not result.detail.startswith(SUSPENDED):
+            # As Postfix: do not knock again at a door that just failed to open,
+            # neither for the transfers waiting here nor for those that come
+            # before the first retry delay is over.
+            result = result._replace(detail=f"{SUSPENDED}{result.detail}")
+            self.suspended[queue.destination.key] = (self.loop.time() + self.suspend_time, result)
         while queue.transfers:
             waiting = queue.transfers.popleft()
             self._finish(waiting, [result] * len(waiting.recipients), None)

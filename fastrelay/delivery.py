@@ -641,6 +641,8 @@ class QueueManager:
 
     def flush(self) -> int:
         """Attempt every deferred message now; returns how many."""
+        if self.agent is not None:
+            self.agent.forget_failures()
         count = 0
         for entry in list(self.entries.values()):
             if entry.attempt is None and entry.state.state == MessageState.DEFERRED:

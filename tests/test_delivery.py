@@ -381,6 +381,26 @@ def test_connection_refused_defers_and_expiry_bounces(world: World) -> None:
     assert f"{qid}: from=<{SENDER}>, status=expired, returned to sender" in log
 
 
+def test_a_destination_that_cannot_be_reached_is_suspended_until_the_first_retry(world: World) -> None:
+    """As Postfix marks a destination dead: after a failed connection, mail that comes for the
+    same destination before the first retry delay is deferred at once, without knocking again;
+    once the next hop answers, the retries deliver everything."""
+    world.zone.a("dest.test", "127.0.0.2")       # nothing listens yet
+    relay = world.start(retry='["3s"]')
+    first = send(relay, ["bob@dest.test"])
+    relay.wait_log(f"{first}: deferred")
+    second = send(relay, ["carol@dest.test"])
+    log = relay.wait_log(f"{second}: deferred")
+    [line] = [ln for ln in log.splitlines() if f"{second}: to=<carol@dest.test>" in ln]
+    assert ("relay=none" in line and "status=deferred (delivery temporarily suspended: "
+            f"connect to dest.test[127.0.0.2]:{world.mx_port}: Connection refused)") in line
+    assert log.count(f"connect to dest.test[127.0.0.2]:{world.mx_port}: Connection refused\n") == 1
+    sink = world.sink("127.0.0.2")
+    delivered = sink.wait(2, timeout=20)
+    assert sorted(r for m in delivered for r in m.rcpt_tos) == ["bob@dest.test", "carol@dest.test"]
+    wait_drained(relay)
+
+
 def test_a_next_hop_that_stalls_times_out_and_the_message_is_deferred(world: World) -> None:
     world.zone.a("dest.test", "127.0.0.2")
     world.sink("127.0.0.2", stall=5)
