@@ -29,7 +29,7 @@ extra process only added IPC work; end to end it was 0-10% slower.
 
 Config keys read: delivery.concurrency (50), delivery.per_destination_concurrency
 (10), delivery.connection_idle_time (5 s), delivery.connect_timeout,
-delivery.command_timeout, delivery.ca_file, delivery.routes,
+delivery.command_timeout, delivery.ca_file, delivery.tls (opportunistic), delivery.routes,
 delivery.nameservers, delivery.mx_port, delivery.retry_schedule (its first
 delay: how long a dead destination stays suspended); server.hostname.
 """
@@ -149,7 +149,7 @@ class SessionPool:
     def _settings_for(self, destination: Destination) -> ClientSettings:
         d = self.config.delivery
         route = destination.route
-        tls = route.tls if route is not None else "opportunistic"
+        tls = route.tls if route is not None and route.tls is not None else d.tls
         return ClientSettings(
             helo=self.config.server.hostname, connect_timeout=d.connect_timeout,
             command_timeout=d.command_timeout, tls=tls, tls_context=self.tls_contexts[tls],

@@ -159,16 +159,21 @@ class QuotaConfig(Section):
 # --- [delivery] -----------------------------------------------------------------
 
 
+TlsPolicy = Literal["none", "opportunistic", "required", "verify"]
+
+
 class RouteConfig(Section):
     domain: str
     host: str
-    tls: Literal["none", "opportunistic", "required", "verify"] = "opportunistic"
+    tls: TlsPolicy | None = None        # None: [delivery] tls
     username: str = ""
     password: str = ""
 
 
 class DeliveryConfig(Section):
     enabled: bool = True
+    # The outbound TLS policy (smtp_client.py) of MX delivery and of routes that set none.
+    tls: TlsPolicy = "opportunistic"
     nameservers: list[str] = msgspec.field(default_factory=list)
     mx_port: int = 25
     max_queue_lifetime: str | int = "5d"

@@ -534,6 +534,32 @@ tls = "required"
     assert state.done_recipients == [0]
 
 
+def test_the_global_tls_policy_applies_to_mx_delivery_and_routes_without_their_own(world: World) -> None:
+    """[delivery] tls is the policy of MX delivery and of every route that sets none: "required"
+    defers mail to a next hop without STARTTLS; a route's own tls = "none" still sends."""
+    world.zone.a("dest.test", "127.0.0.2")
+    world.sink("127.0.0.2")                                   # MX-routed, no STARTTLS
+    inherits = world.sink("127.0.0.3", free_port())           # a route with no tls of its own
+    own = world.sink("127.0.0.4", free_port())                # a route that says tls = "none"
+    routes = f"""
+[[delivery.routes]]
+domain = "inherits.test"
+host = "127.0.0.3:{inherits.port}"
+[[delivery.routes]]
+domain = "own.test"
+host = "127.0.0.4:{own.port}"
+tls = "none"
+"""
+    relay = world.start(routes=routes, retry='["1h"]', extra='tls = "required"\n')
+    qid = send(relay, ["a@dest.test", "b@inherits.test", "c@own.test"])
+    [message] = own.wait(1)
+    assert message.rcpt_tos == ["c@own.test"] and not message.tls
+    log = relay.wait_log(f"{qid}: deferred")
+    assert "status=deferred (TLS is required, but was not offered by host dest.test" in log
+    assert "status=deferred (TLS is required, but was not offered by host 127.0.0.3" in log
+    assert inherits.messages == [] and world.sinks[0].messages == []
+
+
 # --- end to end ------------------------------------------------------------------------------
 
 
