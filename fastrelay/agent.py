@@ -58,6 +58,7 @@ from .smtp_client import (
     deferred,
     dot_stuff,
 )
+from .spool import Location
 
 log = MailLog("fastrelay.agent")
 
@@ -82,11 +83,8 @@ class Transfer:
     body_8bit: bool
     smtputf8: bool           # SMTPUTF8 was given at MAIL: the content may need it
     dot_lines: bool          # some line starts with "." (dot-stuffing needed)
-    segment: str             # the spool segment file holding the body ...
-    offset: int              # ... and where in it
-    length: int
+    location: Location       # the body in the spool
     done: Callable[[list[RecipientResult], NextHop | None], None]
-    body: bytes | None = None        # the body, when the caller has it in memory
     cancelled: Callable[[], bool] = _never   # checked before the transfer starts
 
 
@@ -116,8 +114,9 @@ class DestinationQueue:
 class SessionPool:
     """SMTP sessions per destination, with connection caching and concurrency limits."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, read_body: Callable[[Location], bytes]) -> None:
         self.loop = asyncio.get_running_loop()
+        self.read_body = read_body   # Spool.read_body (fresh bodies come from its memory)
         self.destinations: dict[str, DestinationQueue] = {}
         self.waiting: dict[str, None] = {}    # destination keys with transfers but no session (ordered set)
         self.sessions = 0
@@ -126,11 +125,8 @@ class SessionPool:
         # that transfers to them get meanwhile without a connection attempt.
         self.suspended: dict[str, tuple[float, RecipientResult]] = {}
         self.connections = ConnectionCache(config.delivery.connection_idle_time)
-        self._contents: dict[tuple[str, int], _Content] = {}
+        self._contents: dict[Location, _Content] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._outstanding = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.apply(config)
 
     def apply(self, config: Config) -> None:
@@ -163,26 +159,21 @@ class SessionPool:
         if queue is None:
             queue = DestinationQueue(destination, self._settings_for(destination))
             self.destinations[destination.key] = queue
-        key = (transfer.segment, transfer.offset)
+        key = transfer.location
         content = self._contents.get(key)
         if content is None:
             self._contents[key] = _Content(1)
         else:
             content.users += 1
-        self._outstanding += 1
-        self._idle.clear()
         queue.transfers.append(transfer)
         self._start_sessions(queue)
 
     def _finish(self, transfer: Transfer, results: list[RecipientResult], hop: NextHop | None) -> None:
-        key = (transfer.segment, transfer.offset)
+        key = transfer.location
         content = self._contents[key]
         content.users -= 1
         if content.users == 0:
             del self._contents[key]
-        self._outstanding -= 1
-        if self._outstanding == 0:
-            self._idle.set()
         transfer.done(results, hop)
 
     def forget_failures(self) -> None:
@@ -310,22 +301,18 @@ class SessionPool:
             self._finish(waiting, [result] * len(waiting.recipients), None)
 
     async def _content(self, transfer: Transfer) -> _Content:
-        content = self._contents[(transfer.segment, transfer.offset)]
+        content = self._contents[transfer.location]
         if content.data is not None:
             return content
         if content.reading is not None:
             await asyncio.shield(content.reading)
             return content
-        if transfer.body is not None:
-            self._set_content(content, transfer, transfer.body)
-            return content
-        if transfer.length <= INLINE_READ:
-            self._set_content(content, transfer, read_body(transfer.segment, transfer.offset, transfer.length))
+        if transfer.location.body_len <= INLINE_READ:
+            self._set_content(content, transfer, self.read_body(transfer.location))
             return content
         content.reading = self.loop.create_future()
         try:
-            body = await self.loop.run_in_executor(None, read_body, transfer.segment, transfer.offset,
-                                                   transfer.length)
+            body = await self.loop.run_in_executor(None, self.read_body, transfer.location)
         except OSError as exc:
             content.reading.set_exception(exc)
             content.reading.exception()  # retrieved: other transfers see it through shield
@@ -345,13 +332,6 @@ class SessionPool:
             content.smtputf8 = not (transfer.sender.isascii() and all(r.isascii() for r in transfer.recipients)
                                     and body[:end if end >= 0 else len(body)].isascii())
 
-    async def drain(self, timeout: float) -> None:
-        """Wait (up to ``timeout``) until every submitted transfer is done."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            pass
-
     async def close(self) -> None:
         """Stop every session (their transfers stay unfinished) and close cached connections."""
         self.closed = True
@@ -360,13 +340,3 @@ class SessionPool:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.connections.close_all()
-
-
-def read_body(segment: str, offset: int, length: int) -> bytes:
-    """Blocking read of a body from a spool segment."""
-    with open(segment, "rb") as f:
-        f.seek(offset)
-        data = f.read(length)
-    if len(data) != length:
-        raise OSError(f"{segment}: {length} bytes expected at offset {offset}, {len(data)} found")
-    return data

@@ -217,7 +217,7 @@ class QueueManager:
         if self.agent is not None:
             self.agent.apply(config)
         elif self.enabled:
-            self.agent = SessionPool(config)
+            self.agent = SessionPool(config, self.spool.read_body)
         if self.enabled and not was_enabled and self.entries:
             self._resume_all()
 
@@ -369,15 +369,11 @@ class QueueManager:
             self._finish(attempt)
             return
         assert self.agent is not None
-        location = entry.location
-        segment = str(self.spool.segment_path(location.segment))
-        body = self.spool.recent_body(location)
         for domain, recipients in groups.values():
             job = Job(attempt, recipients)
             self.agent.submit(domain, Transfer(
                 env.queue_id, env.sender, [env.recipients[i] for i in recipients], env.body_8bit, env.smtputf8,
-                env.dot_lines, segment, location.body_offset, location.body_len,
-                partial(self._job_done, job), body, partial(_deleted, entry)))
+                env.dot_lines, entry.location, partial(self._job_done, job), partial(_deleted, entry)))
 
     def _job_done(self, job: Job, results: list[RecipientResult], hop: NextHop | None) -> None:
         attempt = job.attempt
