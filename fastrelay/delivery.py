@@ -80,8 +80,11 @@ _EVENT_OF_OUTCOME = {Outcome.SENT: "delivery", Outcome.DEFERRED: "deferral", Out
 # copied forward, up to COMPACT_BATCH_BYTES of bodies per pass, a pass every
 # COMPACT_INTERVAL seconds.  A message copied forward is copied again only
 # when its new segment has become the oldest: the cost follows what stays
-# queued, not the traffic.
+# queued, not the traffic.  A segment still more than COMPACT_LIVE_SHARE
+# live is left as it is (copying it would free little: with delivery off,
+# say, everything stays live).
 COMPACT_AGE = 300.0
+COMPACT_LIVE_SHARE = 0.5
 COMPACT_INTERVAL = 60.0
 COMPACT_BATCH_BYTES = 64 * 1024 * 1024
 
@@ -591,10 +594,13 @@ class QueueManager:
         head = self.spool.head_segment(self.compact_age)
         if head is None or self._compacting:
             return 0
+        in_head = [e for e in self.entries.values() if e.location.segment == head]
+        if sum(e.location.body_len for e in in_head) > COMPACT_LIVE_SHARE * self.spool.segment_bytes:
+            return 0
         self._compacting = True
         moved = budget = 0
         try:
-            for entry in [e for e in self.entries.values() if e.location.segment == head]:
+            for entry in in_head:
                 if entry.attempt is not None or entry.scanning or entry.moving or self.stopping:
                     continue   # busy now: the next pass takes it
                 if await self._copy_forward(entry):

@@ -731,6 +731,7 @@ def test_a_long_deferred_message_is_copied_forward_and_the_segments_it_kept_go(t
     segments), DNS server and sink."""
     import asyncio
 
+    from fastrelay import delivery
     from fastrelay.config import Config, DeliveryConfig, ServerConfig
     from fastrelay.delivery import QueueManager
     from fastrelay.spool import Envelope, QueueIdGenerator
@@ -787,6 +788,15 @@ def test_a_long_deferred_message_is_copied_forward_and_the_segments_it_kept_go(t
         assert manager.entries[stuck].location.segment == kept[-1]
         assert segments() == [kept[-1]]                        # the rest is gone
         assert await manager.compact() == 0
+        # A head segment that is mostly live is left alone: copying it would free little.
+        more = [await queue("stuck@dest.test", stuck_body) for _ in range(8)]
+        await until(lambda: all(q in on_disk() and on_disk()[q].state.attempts == 1 for q in more))
+        assert len(segments()) >= 3 and await manager.compact() == 0
+        share, delivery.COMPACT_LIVE_SHARE = delivery.COMPACT_LIVE_SHARE, 1.0
+        try:
+            assert await manager.compact() > 0                 # it was the share that held it back
+        finally:
+            delivery.COMPACT_LIVE_SHARE = share
         await manager.stop(5)
         spool.close()
         return stuck
@@ -797,8 +807,7 @@ def test_a_long_deferred_message_is_copied_forward_and_the_segments_it_kept_go(t
         sink.stop()
         dns.stop()
     again = Spool(directory)
-    (message,) = again.recover()
-    assert message.envelope.queue_id == stuck
+    message = next(m for m in again.recover() if m.envelope.queue_id == stuck)
     assert message.state.state == MessageState.DEFERRED and message.state.attempts == 1
     assert "451 4.3.0 Try again later" in message.state.last_error
     assert again.read_body(message) == stuck_body
