@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
 
+from msgspec.structs import replace
+
 from . import events
 from .agent import SessionPool, Transfer
 from .bounce import FailedRecipient, build_dsn
@@ -361,8 +363,7 @@ class QueueManager:
         if state.attempts or state.state != MessageState.INCOMING:
             log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active, attempt %d)", env.queue_id, env.sender,
                      entry.location.body_len, len(env.recipients) - len(done), state.attempts + 1)
-        entry.state = DeliveryState(env.queue_id, MessageState.ACTIVE, state.attempts, 0.0,
-                                    state.done_recipients, state.last_error, state.warned)
+        entry.state = replace(state, state=MessageState.ACTIVE, next_attempt=0.0)
         entry.active_timer = self.loop.call_later(ACTIVE_RECORD_DELAY, self._record_active, entry)
         attempt = Attempt(entry, len(groups))
         entry.attempt = attempt
@@ -403,8 +404,7 @@ class QueueManager:
             # (Bounced recipients wait for the end of the attempt: their DSN first.)
             sent = {i for i, r in attempt.results.items() if r.outcome == Outcome.SENT}
             state = entry.state
-            entry.state = DeliveryState(env.queue_id, MessageState.ACTIVE, state.attempts, 0.0,
-                                        sorted(sent.union(state.done_recipients)), state.last_error, state.warned)
+            entry.state = replace(state, done_recipients=sorted(sent.union(state.done_recipients)))
             self._write_state(entry.state)
 
     def _finish(self, attempt: Attempt) -> None:
@@ -514,8 +514,8 @@ class QueueManager:
             return
         last_error = pending[0][1].detail
         if entry.hold_reason is not None:
-            entry.state = DeliveryState(env.queue_id, MessageState.HOLD, attempts, 0.0, done, last_error,
-                                        state.warned)
+            entry.state = replace(state, state=MessageState.HOLD, attempts=attempts, next_attempt=0.0,
+                                  done_recipients=done, last_error=last_error)
             self._write_state(entry.state)
             log.info("%s: hold: %s", env.queue_id, entry.hold_reason)
             entry.hold_reason = None
@@ -527,8 +527,8 @@ class QueueManager:
         # notice is queued loses the notice, never sends it twice.
         warn = (self.delay_warning > 0 and not state.warned and bool(env.sender)
                 and now - env.arrival >= self.delay_warning)
-        entry.state = DeliveryState(env.queue_id, MessageState.DEFERRED, attempts, next_attempt, done, last_error,
-                                    state.warned or warn)
+        entry.state = replace(state, state=MessageState.DEFERRED, attempts=attempts, next_attempt=next_attempt,
+                              done_recipients=done, last_error=last_error, warned=state.warned or warn)
         self._write_state(entry.state)
         log.info("%s: deferred: %d recipient(s) pending after attempt %d; next attempt in %s s",
                  env.queue_id, len(pending), attempts, format_delay(delay))
@@ -544,8 +544,7 @@ class QueueManager:
         if entry.timer is not None:
             entry.timer.cancel()
             entry.timer = None
-        entry.state = DeliveryState(env.queue_id, MessageState.DONE, entry.state.attempts, 0.0,
-                                    entry.state.done_recipients, entry.state.last_error)
+        entry.state = replace(entry.state, state=MessageState.DONE, next_attempt=0.0)
         self._write_state(entry.state)
         self.spool.release_body(entry.location)
         self.entries.pop(env.queue_id, None)
@@ -558,8 +557,7 @@ class QueueManager:
             entry.timer = None
         entry.hold_reason = None
         s = entry.state
-        entry.state = DeliveryState(s.queue_id, MessageState.HOLD, s.attempts, 0.0, s.done_recipients, s.last_error,
-                                    s.warned)
+        entry.state = replace(s, state=MessageState.HOLD, next_attempt=0.0)
         self._write_state(entry.state)
         log.info("%s: hold: %s", s.queue_id, reason)
 
@@ -585,8 +583,7 @@ class QueueManager:
         self._compact_timer = None
         if self.stopping:
             return
-        if not self._compacting:
-            self._spawn(self.compact())
+        self._spawn(self.compact())
         self._compact_timer = self.loop.call_later(COMPACT_INTERVAL, self._compact_due)
 
     async def compact(self) -> int:
@@ -670,8 +667,7 @@ class QueueManager:
                 return f"{queue_id}: hold cancelled"
             raise LookupError(f"{queue_id} is not on hold")
         s = entry.state
-        entry.state = DeliveryState(s.queue_id, MessageState.DEFERRED, s.attempts, time.time(),
-                                    s.done_recipients, s.last_error, s.warned)
+        entry.state = replace(s, state=MessageState.DEFERRED, next_attempt=time.time())
         self._write_state(entry.state)
         log.info("%s: released from hold", queue_id)
         self._activate(entry)

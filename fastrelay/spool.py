@@ -384,10 +384,8 @@ class Spool:
 
     def _forget(self, queue_id: str) -> None:
         segment = self._where.pop(queue_id, None)
-        if segment is not None and segment in self._live:
-            self._live[segment] -= 1
-            if self._live[segment] <= 0 and segment < self._segment:
-                self._drop_dead_segments()
+        if segment is not None:
+            self.moved_out(segment)
 
     def _on_written(self, batch: _Batch, error: OSError | None) -> None:
         """Runs on the event loop: bookkeeping first, then wake the waiters."""
@@ -534,8 +532,8 @@ class Spool:
         return head if closed is not None and time.time() - closed >= min_age else None
 
     def moved_out(self, segment: int) -> None:
-        """A live message of ``segment`` is durable again further on (its message
-        record and its latest state): it no longer keeps that segment."""
+        """A live message of ``segment`` no longer keeps it: it is done, or durable
+        again further on (its message record and its latest state)."""
         if segment in self._live:
             self._live[segment] -= 1
             if self._live[segment] <= 0 and segment < self._segment:
