@@ -30,10 +30,23 @@ ROOT = Path(__file__).resolve().parent.parent
 ALICE_PASSWORD = "secret-password"
 
 
+_PORTS_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now and not handed out before in this run.
+
+    The port is released before its user binds it, so the kernel may offer it
+    again meanwhile; never giving the same one twice keeps two servers of one
+    test (the relay and its next hop, say) from colliding.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _PORTS_HANDED_OUT:
+            _PORTS_HANDED_OUT.add(port)
+            return port
 
 
 def wait_port(host: str, port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:

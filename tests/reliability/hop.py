@@ -27,12 +27,11 @@ The faults in DATA apply to the first transaction of their connection.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-
-from conftest import free_port
 
 FAULTS = ("greet421", "stall_greeting", "mail421", "rset421", "drop_in_data", "data451",
           "drop_at_dot", "stall_at_dot")
@@ -50,11 +49,15 @@ class Reception:
 
 
 class ScriptedHop:
-    def __init__(self, faults: list[str] | tuple[str, ...] = (), port: int | None = None,
-                 messages_per_connection: int = 0) -> None:
+    def __init__(self, faults: list[str] | tuple[str, ...] = (), messages_per_connection: int = 0) -> None:
         for fault in faults:
             assert fault in FAULTS or fault == "ok", fault
-        self.port = port or free_port()
+        # The port stays bound from here on, so nothing started meanwhile (the relay's
+        # own listeners) can take it; until start() it does not listen, and a connection
+        # to it is refused.
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.port: int = self._socket.getsockname()[1]
         self.faults = deque(faults)
         # After this many transactions a connection is closed at the next RSET (421), as
         # servers that limit messages per connection do; 0 = no limit.
@@ -77,6 +80,7 @@ class ScriptedHop:
 
     def stop(self) -> None:
         if not self._thread.is_alive():
+            self._socket.close()
             self._loop.close()
             return
         asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
@@ -101,7 +105,7 @@ class ScriptedHop:
     # -- the server (its own loop) ---------------------------------------------------
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._session, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._session, sock=self._socket)
 
     async def _close(self) -> None:
         if self._server is not None:
