@@ -1,5 +1,6 @@
 # Typing stub for the compiled module fastrelay._core (see _core.pyx).
 
+from collections.abc import Iterable
 from typing import TypeAlias, final
 
 # (span, buckets, width, head_time, counts oldest first); head_time is None
@@ -74,3 +75,10 @@ def scan_content(data: bytes) -> int:
 
 def find_end_of_data(data: bytes, start: int = 0) -> int:
     """Index of the first CRLF.CRLF at or after ``start``, or -1 (as bytes.find)."""
+
+@final
+class LiteralSet:
+    """Which of a few long byte strings (2-256 bytes, at most 32) occur in a buffer, in one pass."""
+    def __init__(self, needles: Iterable[bytes]) -> None: ...
+    def found(self, data: bytes | bytearray | memoryview) -> int:
+        """A bit per needle (1 << its index) that occurs in ``data``."""

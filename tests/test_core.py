@@ -952,3 +952,49 @@ def test_find_end_of_data_matches_bytes_find(data: bytes, start: int) -> None:
     from fastrelay._core import find_end_of_data
 
     assert find_end_of_data(data, start) == data.find(b"\r\n.\r\n", max(start, 0))
+
+
+# --- LiteralSet -----------------------------------------------------------------------------
+
+# Needles with shared blocks and a shared prefix, so that a window may match
+# several of them and shifts come from more than one needle.
+_NEEDLES = [b"abcabcabxy", b"xyabcabcab", b"abcabcabxyz-long", b"qqqqqqqqqq"]
+
+
+def _found_model(needles: Sequence[bytes], data: bytes) -> int:
+    return sum(1 << k for k, needle in enumerate(needles) if needle in data)
+
+
+@given(st.lists(st.one_of(st.sampled_from([b"a", b"b", b"c", b"x", b"y", b"z", b"q", b"-", b"long"]),
+                          st.sampled_from(_NEEDLES), st.sampled_from([n[:-1] for n in _NEEDLES])),
+                max_size=80).map(b"".join))
+@settings(max_examples=3000)
+def test_literal_set_matches_the_in_operator(data: bytes) -> None:
+    from fastrelay._core import LiteralSet
+
+    assert LiteralSet(_NEEDLES).found(data) == _found_model(_NEEDLES, data)
+
+
+def test_literal_set_finds_needles_at_the_edges_and_takes_any_buffer() -> None:
+    from fastrelay._core import LiteralSet
+
+    needles = [b"X" * 30 + b"end", b"-STANDARD-ANTI-"]
+    literal_set = LiteralSet(needles)
+    filler = b"the quick brown fox jumps over the lazy dog\r\n" * 2000
+    assert literal_set.found(b"") == 0
+    assert literal_set.found(needles[1]) == 2                  # the whole buffer
+    assert literal_set.found(needles[0][:-1]) == 0             # one byte short
+    assert literal_set.found(needles[1] + filler) == 2         # at the start
+    assert literal_set.found(filler + needles[0]) == 1         # at the very end
+    assert literal_set.found(filler + needles[0] + filler + needles[1]) == 3
+    assert literal_set.found(bytearray(filler + needles[1])) == 2
+    assert literal_set.found(memoryview(needles[1] + filler)[:15]) == 2
+
+
+@pytest.mark.parametrize("needles, message", [
+    ([], "1 to 32"), ([b"ab"] * 33, "1 to 32"), ([b"a", b"abc"], "2 to 256"), ([b"a" * 257], "2 to 256")])
+def test_literal_set_refuses_needles_it_cannot_hold(needles: list[bytes], message: str) -> None:
+    from fastrelay._core import LiteralSet
+
+    with pytest.raises(ValueError, match=message):
+        LiteralSet(needles)
