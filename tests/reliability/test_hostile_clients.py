@@ -36,7 +36,7 @@ from conftest import HOSTNAME, Certs, RawClient, RelayProcess, TlsRawClient, que
 
 from fastrelay import replies
 
-from .helpers import open_fds, open_file_limit, opt_in, rss_kib, wait_for
+from .helpers import open_fds, open_file_limit, rss_kib, wait_for
 
 HELO = "client.example.com"
 TRANSACTION = b"MAIL FROM:<bob@example.com>\r\nRCPT TO:<carol@dest.test>\r\nDATA\r\n"
@@ -102,7 +102,7 @@ def relay_pid(relay: RelayProcess) -> int:
 # --- idle connections ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("connections", [1000, pytest.param(10_000, marks=[pytest.mark.slow, opt_in])])
+@pytest.mark.parametrize("connections", [1000, 10_000])
 def test_many_idle_connections_cost_little_and_others_are_served(relay_factory: Factory, connections: int,
                                                                 report: Callable[[str], None]) -> None:
     # Both ends live on this machine: the test holds one socket per connection and so does
