@@ -373,11 +373,11 @@ def test_data_beyond_max_message_size_is_not_buffered(relay_factory: Factory,
     for shape, block in (("lines", line * 1024), ("one endless line", b"z" * (1 << 20))):
         client.send(TRANSACTION)
         assert [client.reply()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
-        for _ in range(50):   # 50 MB, 50 times the limit
+        for _ in range(512):  # 512 MiB each, 1 GiB in all: 1,024 times the limit
             client.send(block)
             peak = max(peak, rss_kib(pid))
         assert client.cmd(b"\r\n.") == wire(replies.MESSAGE_TOO_BIG), shape
-    report(f"2 x 50 MB of DATA with max_message_size = 1 MiB: relay RSS {rss_before} KiB, peak {peak} KiB")
+    report(f"2 x 512 MiB of DATA with max_message_size = 1 MiB: relay RSS {rss_before} KiB, peak {peak} KiB")
     assert peak - rss_before < 16 * 1024
     # The session goes on.
     queue_id = send_message(client, "after the flood")
