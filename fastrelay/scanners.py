@@ -127,14 +127,15 @@ class ContentFacts(NamedTuple):
         return _decode_header(self.subject_raw)[:200] if self.subject_raw is not None else ""
 
 
-def _bad_attachment(head: bytes, lowered: bytes, text: bytes) -> str:
+def _bad_attachment(head: bytes, lowered: bytes, body: bytes, text_start: int) -> str:
     """The first MIME name/filename parameter with an executable extension, or "".
 
     Only header sections are searched: the message's own and each MIME
     part's.  Parts are found by their declared boundaries (RFC 2046 §5.1.1:
     a delimiter line is CRLF "--" boundary), so a large base64 attachment
     costs one ``find`` of a long, distinctive string per boundary, not a
-    pass with a regex.  ``lowered`` is b"\\n" + head.lower().
+    pass with a regex.  ``lowered`` is b"\\n" + head.lower(); the text
+    (after the blank line) starts at ``text_start`` in ``body``.
     """
     at = lowered.find(b"name")
     while at >= 0:  # the message's own header (a single-part attachment)
@@ -147,18 +148,20 @@ def _bad_attachment(head: bytes, lowered: bytes, text: bytes) -> str:
     while boundaries and seen < MAX_BOUNDARIES:
         seen += 1
         delimiter = b"\r\n--" + boundaries.pop()
-        at = -2 if text.startswith(delimiter[2:]) else text.find(delimiter)
-        while at >= -2:
-            start = text.find(b"\r\n", at + len(delimiter))   # the end of the delimiter line
+        # From the CRLF that ends the header section: a delimiter on the text's first
+        # line is found with the CRLF before it, like every other one.
+        at = body.find(delimiter, text_start - 2)
+        while at >= 0:
+            start = body.find(b"\r\n", at + len(delimiter))   # the end of the delimiter line
             if start < 0:
                 break
-            end = text.find(b"\r\n\r\n", start)
-            end = min(len(text) if end < 0 else end + 2, start + PART_HEADER_MAX)
-            name = _name_parameter(text, start, end)
+            end = body.find(b"\r\n\r\n", start)
+            end = min(len(body) if end < 0 else end + 2, start + PART_HEADER_MAX)
+            name = _name_parameter(body, start, end)
             if name:
                 return name
-            boundaries += _BOUNDARY.findall(text, start, end)  # a nested multipart
-            at = text.find(delimiter, end)
+            boundaries += _BOUNDARY.findall(body, start, end)  # a nested multipart
+            at = body.find(delimiter, end)
             if at < 0:
                 break
     return ""
@@ -204,15 +207,15 @@ def _decode_header(raw: bytes) -> str:
 COLON_PROBES = 64
 
 
-def count_urls(text: bytes, end: int) -> int:
-    """``text.count(b"://", 0, end)``, faster on prose.
+def count_urls(text: bytes, start: int, end: int) -> int:
+    """``text.count(b"://", start, end)``, faster on prose.
 
     A three-byte substring count runs at about 1 GB/s (28 µs on 32 KiB);
     finding one byte is a memchr, twenty times faster.  So colons are found
     one by one and checked; text with more than ``COLON_PROBES`` of them is
     counted from there the plain way, which bounds the worst case."""
     count = 0
-    at = text.find(b":", 0, end)
+    at = text.find(b":", start, end)
     for _ in range(COLON_PROBES):
         if at < 0:
             return count
@@ -240,7 +243,8 @@ def content_signals(envelope: Envelope, body: bytes, account_domains: tuple[str,
     if found & FOUND_GTUBE:
         signals.append(Signal("GTUBE", W_GTUBE))
     end = body.find(b"\r\n\r\n")
-    head, text = (body, b"") if end < 0 else (body[:end + 2], body[end + 4:])
+    # The text is not sliced out: a copy of a large body costs as much as a scan of it.
+    head, text_start = (body, len(body)) if end < 0 else (body[:end + 2], end + 4)
     lowered = b"\n" + head.lower()
     if b"\nmessage-id:" not in lowered:
         signals.append(Signal("NO_MESSAGE_ID", W_NO_MESSAGE_ID))
@@ -258,11 +262,11 @@ def content_signals(envelope: Envelope, body: bytes, account_domains: tuple[str,
                 _related(from_domain, d) for d in account_domains):
             signals.append(Signal("FROM_UNRELATED", W_FROM_UNRELATED,
                                   f"From: {from_domain}, envelope sender {sender_domain}"))
-    scanned = min(len(text), URL_SCAN_BYTES)
-    urls = count_urls(text, scanned)
+    scanned = min(len(body) - text_start, URL_SCAN_BYTES)
+    urls = count_urls(body, text_start, text_start + scanned)
     if urls >= URL_DENSITY_MIN and scanned < urls * URL_DENSITY_BYTES:
         signals.append(Signal("URL_DENSITY", W_URL_DENSITY, f"{urls} URLs in {scanned} bytes"))
-    attachment = _bad_attachment(head, lowered, text)
+    attachment = _bad_attachment(head, lowered, body, text_start)
     if attachment:
         signals.append(Signal("BAD_ATTACHMENT", W_BAD_ATTACHMENT, attachment[-60:]))
     return ContentFacts(signals, virus, _header_field(head, lowered, b"\nsubject:"))

@@ -255,6 +255,17 @@ def test_builtin_content_signals_and_their_weights() -> None:
     assert names(message("alice@example.com", "deals", links)) == {"URL_DENSITY": 2.0}
     assert names(with_attachment("alice@example.com", "x", "run.vbs", b"x")) == {"BAD_ATTACHMENT": 5.0}
     assert names(with_attachment("alice@example.com", "x", "run.pdf", b"x")) == {}
+    # The executable in the first part (its delimiter on the text's first line), and one
+    # in a multipart nested inside a later part.
+    first = message("alice@example.com", "x", b'--b1\r\nContent-Disposition: attachment; filename="a.scr"\r\n'
+                    b"\r\nx\r\n--b1--", 'Content-Type: multipart/mixed; boundary="b1"\r\n')
+    assert names(first) == {"BAD_ATTACHMENT": 5.0}
+    nested = message("alice@example.com", "x", b"--b1\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+                     b'--b1\r\nContent-Type: multipart/mixed; boundary="b2"\r\n\r\n'
+                     b'--b2\r\nContent-Type: application/x-msdownload; name="setup.exe"\r\n\r\nMZ\r\n'
+                     b"--b2--\r\n--b1--", 'Content-Type: multipart/mixed; boundary="b1"\r\n')
+    assert names(nested) == {"BAD_ATTACHMENT": 5.0}
+    assert names(nested.replace(b"setup.exe", b"setup.txt")) == {}
     facts = content_signals(env, with_attachment("alice@example.com", "x", "a.txt", EICAR), domains)
     assert facts.virus == "EICAR-Test-File" and facts.subject == "x"
 
@@ -316,13 +327,13 @@ def test_the_synchronous_check_answers_clean_mail_and_leaves_a_quarantine_to_the
 
 @settings(max_examples=500, deadline=None)
 @given(st.lists(st.sampled_from([b":", b"/", b"//", b"://", b"a", b"http", b"\r\n", b":/"]), max_size=200),
-       st.integers(min_value=0, max_value=1000))
-def test_count_urls_is_a_substring_count(parts: list[bytes], end: int) -> None:
+       st.integers(min_value=0, max_value=50), st.integers(min_value=0, max_value=1000))
+def test_count_urls_is_a_substring_count(parts: list[bytes], start: int, end: int) -> None:
     """The memchr-probing URL count agrees with bytes.count, below and above COLON_PROBES colons."""
     text = b"".join(parts)
-    assert count_urls(text, end) == text.count(b"://", 0, end)
+    assert count_urls(text, start, end) == text.count(b"://", start, end)
     many = text * 40    # well past COLON_PROBES colons: the plain count takes over
-    assert count_urls(many, len(many) - end) == many.count(b"://", 0, len(many) - end)
+    assert count_urls(many, start, len(many) - end) == many.count(b"://", start, len(many) - end)
 
 
 # --- each daemon ---------------------------------------------------------------------------------
