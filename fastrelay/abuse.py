@@ -620,10 +620,11 @@ class AbuseDesk:
                  ",".join(result.reasons) or "-", action, envelope.sender,
                  track.subject if track is not None else "-", summary,
                  f", unavailable: {'; '.join(errors)}" if errors else "")
-        events.emit("abuse_verdict", queue_id=qid, verdict=verdict, scanner=result.scanner,
-                    score=result.score, threshold=result.threshold, reasons=list(result.reasons),
-                    action=action, sender=envelope.sender, counted_as=track.subject if track else None,
-                    results=summary, unavailable=errors)
+        if events.enabled():
+            events.emit("abuse_verdict", queue_id=qid, verdict=verdict, scanner=result.scanner,
+                        score=result.score, threshold=result.threshold, reasons=list(result.reasons),
+                        action=action, sender=envelope.sender, counted_as=track.subject if track else None,
+                        results=summary, unavailable=errors)
         if track is not None and verdict != CLEAN:
             self._check(track, now)
         if action == "deliver":

@@ -393,9 +393,10 @@ class QueueManager:
                      env.recipients[i], relay, delay, result.dsn, result.outcome.value, result.detail)
             if result.outcome != Outcome.DEFERRED:
                 self.delay_histogram.observe(now - env.arrival)
-            events.emit(_EVENT_OF_OUTCOME[result.outcome], queue_id=env.queue_id, recipient=env.recipients[i],
-                        relay=relay, delay=round(now - env.arrival, 3), dsn=result.dsn,
-                        status=result.outcome.value, detail=result.detail)
+            if events.enabled():
+                events.emit(_EVENT_OF_OUTCOME[result.outcome], queue_id=env.queue_id,
+                            recipient=env.recipients[i], relay=relay, delay=round(now - env.arrival, 3),
+                            dsn=result.dsn, status=result.outcome.value, detail=result.detail)
         attempt.jobs_left -= 1
         if attempt.jobs_left == 0:
             self._finish(attempt)

@@ -133,6 +133,12 @@ _log: EventLog | None = None
 _closing: set[asyncio.Future[None]] = set()
 
 
+def enabled() -> bool:
+    """Whether the event log is on: per-message callers ask first, so that the
+    fields of an event are not even gathered when nobody records them."""
+    return _log is not None
+
+
 def emit(kind: str, **fields: Any) -> None:
     """Record one event (cheap: a tuple appended to a list; nothing when the log is off)."""
     event_log = _log

@@ -1018,9 +1018,11 @@ class SmtpSession(asyncio.Protocol):
                  f", orig_from=<{decision.original_sender}>" if decision.original_sender is not None else "")
         log.info("%s: from=<%s>, size=%d, nrcpt=%d, account=%s, rule=%s (queue active)",
                  queue_id, self.sender, size, len(self.recipients), envelope.account, envelope.rule)
-        events.emit("reception", queue_id=queue_id, client_ip=self.client_ip, helo=self.helo, sender=self.sender,
-                    recipients=self.recipients, size=size, account=envelope.account, rule=envelope.rule,
-                    auth_user=self.auth_user, tls=self.tls_info, original_sender=decision.original_sender)
+        if events.enabled():
+            events.emit("reception", queue_id=queue_id, client_ip=self.client_ip, helo=self.helo,
+                        sender=self.sender, recipients=self.recipients, size=size, account=envelope.account,
+                        rule=envelope.rule, auth_user=self.auth_user, tls=self.tls_info,
+                        original_sender=decision.original_sender)
         self._reset_transaction()
         self.state = State.READY
         if server.on_queued is not None and location is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import re
 import smtplib
 import subprocess
@@ -67,10 +68,14 @@ class World:
         return self.sink("127.0.0.9", **behaviour)
 
     def start(self, *, retry: str = '["1s", "1s", "2s"]', lifetime: str = "5d", command_timeout: float = 5,
-              per_destination: int = 10, routes: str = "", extra: str = "") -> RelayProcess:
+              per_destination: int = 10, routes: str = "", extra: str = "", events: bool = False) -> RelayProcess:
         config = DELIVERY.format(dns=self.dns.address, mx_port=self.mx_port, retry=retry, lifetime=lifetime,
                                  command_timeout=command_timeout, per_destination=per_destination)
-        self.relay = self.factory(extra=config + extra + routes)
+        self.relay = self.factory(extra=config + extra + routes, start=not events)
+        if events:   # the event log, in the relay's directory
+            path = self.relay.config_path
+            path.write_text(path.read_text().replace("[logging]\n", '[logging]\nevents_file = "events.jsonl"\n'))
+            self.relay.start()
         return self.relay
 
     def close(self) -> None:
@@ -282,7 +287,7 @@ def test_null_mx_and_nxdomain_bounce_at_once_servfail_defers(world: World) -> No
 def test_temporary_failure_is_retried_until_accepted(world: World) -> None:
     world.zone.a("dest.test", "127.0.0.2")
     sink = world.sink("127.0.0.2", data_replies=["451 4.3.0 Try again later"])
-    relay = world.start()
+    relay = world.start(events=True)
     qid = send(relay, ["bob@dest.test"])
     [message] = sink.wait(1)
     log = relay.wait_log(f"{qid}: removed")
@@ -292,6 +297,17 @@ def test_temporary_failure_is_retried_until_accepted(world: World) -> None:
     assert "(queue active, attempt 2)" in log
     assert log.index("status=deferred") < log.index("status=sent")
     assert message.rcpt_tos == ["bob@dest.test"]
+    # The event log has the message's whole life, in order.
+    path = relay.directory / "events.jsonl"
+    kinds = ["reception", "abuse_verdict", "deferral", "delivery"]
+    wait_until(lambda: path.exists() and all(f'"kind":"{k}"' in path.read_text() for k in kinds),
+               what="every event of the message")   # the log is written at least once a second
+    events = [e for e in map(json.loads, path.read_text().splitlines()) if e.get("queue_id") == qid]
+    assert [e["kind"] for e in events] == kinds
+    assert (events[1]["verdict"], events[1]["scanner"], events[1]["action"]) == ("clean", "builtin", "deliver")
+    assert (events[2]["dsn"], events[2]["status"], events[2]["recipient"]) == ("4.3.0", "deferred", "bob@dest.test")
+    assert (events[3]["dsn"], events[3]["status"], events[3]["relay"]) == ("2.0.0", "sent", "dest.test[127.0.0.2]:"
+                                                                            + str(world.mx_port))
 
 
 def test_permanent_failure_returns_a_dsn_with_the_original_headers(world: World) -> None:
