@@ -280,20 +280,31 @@ class Spool:
                 continue
             last = max(last, number)
             good_end = 0
-            for kind, env, body_offset, body_len, end in read_records(path):
-                good_end = end
-                if kind == KIND_MESSAGE:
-                    envelope = _env_decoder.decode(env)
-                    old = messages.get(envelope.queue_id)
-                    state = old.state if old else DeliveryState(envelope.queue_id, MessageState.INCOMING)
-                    messages[envelope.queue_id] = QueuedMessage(envelope, state, number, body_offset, body_len)
-                else:
-                    state = _state_decoder.decode(env)
-                    msg = messages.get(state.queue_id)
-                    if msg is not None:
-                        msg.state = state
+            try:
+                for kind, env, body_offset, body_len, end in read_records(path):
+                    good_end = end
+                    if kind == KIND_MESSAGE:
+                        envelope = _env_decoder.decode(env)
+                        old = messages.get(envelope.queue_id)
+                        state = old.state if old else DeliveryState(envelope.queue_id, MessageState.INCOMING)
+                        messages[envelope.queue_id] = QueuedMessage(envelope, state, number, body_offset,
+                                                                    body_len)
+                    else:
+                        state = _state_decoder.decode(env)
+                        msg = messages.get(state.queue_id)
+                        if msg is not None:
+                            msg.state = state
+            except FileNotFoundError:
+                if repair:
+                    raise
+                # scan() beside a running relay: the relay deleted the segment between the
+                # listing and the open, so each message in it was done or copied forward
+                # into a later segment, which this scan reads next.
+                continue
+            if not repair:
+                continue
             size = path.stat().st_size
-            if repair and good_end < size:
+            if good_end < size:
                 log.warning("spool: segment %s: cut %d bytes of torn tail at offset %d",
                             path.name, size - good_end, good_end)
                 with open(path, "r+b") as f:

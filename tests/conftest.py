@@ -184,11 +184,19 @@ class RelayProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def queued(self) -> list[tuple[object, bytes]]:
-        """(envelope, content) of every live message in the spool, read from disk."""
+        """(envelope, content) of every live message in the spool, read from disk.
+
+        A running relay may finish a message and delete its segment between the
+        scan and the read of its body: then the spool is read again."""
         from fastrelay.spool import Spool
 
         spool = Spool(self.spool_dir)
-        return [(m.envelope, spool.read_body(m)) for m in spool.scan()]
+        for _ in range(20):
+            try:
+                return [(m.envelope, spool.read_body(m)) for m in spool.scan()]
+            except FileNotFoundError:
+                time.sleep(0.01)
+        raise AssertionError(f"{self.spool_dir}: segments kept vanishing under 20 reads in a row")
 
     def wait_log(self, text: str, timeout: float = 10.0) -> str:
         deadline = time.monotonic() + timeout

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -299,6 +300,53 @@ def test_done_segments_are_deleted(tmp_path: Path, run: Callable[[Awaitable[Any]
     assert recovered(tmp_path) == []
     # At the next start segment 2 (state records only) goes too.
     assert segments(tmp_path) == ["00000003.log"]
+
+
+def test_scan_beside_a_running_spool_that_deletes_segments(tmp_path: Path,
+                                                           run: Callable[[Awaitable[Any]], Any]) -> None:
+    """`fastrelay queue list` reads the spool while the relay runs: segments the relay
+    deletes between the listing and the open are skipped, never an error."""
+    spool = Spool(tmp_path, segment_bytes=2048)    # a new segment every few messages
+    spool.recover()
+    scans: list[int] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def scan_again_and_again() -> None:
+        while not stop.is_set():
+            try:
+                scans.append(len(Spool(tmp_path).scan()))
+            except BaseException as exc:  # noqa: BLE001 - the failure is what the test reports
+                errors.append(exc)
+                return
+
+    async def churn() -> None:
+        spool.start(asyncio.get_running_loop())
+        reader = threading.Thread(target=scan_again_and_again)
+        reader.start()
+        try:
+            for first in range(0, 600, 6):
+                numbers = range(first, first + 6)
+                await asyncio.gather(*(spool.append_message(envelope(n), body(n)) for n in numbers))
+                await asyncio.gather(*(spool.append_state(DeliveryState(f"Q{n:06d}", MessageState.DONE))
+                                       for n in numbers))
+            await spool.append_message(envelope(600), body(600))   # one stays live
+        finally:
+            stop.set()
+            reader.join()
+            spool.close()
+
+    # Threads switch every few microseconds instead of every 5 ms, so that the relay's
+    # deletions land inside the scans (between a segment's listing and its open).
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        run(churn())
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    assert len(scans) > 10                              # the scans did overlap the deletions
+    assert [m.envelope.queue_id for m in Spool(tmp_path).scan()] == ["Q000600"]
 
 
 def test_newer_segment_waits_for_older_live_ones(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
