@@ -112,6 +112,12 @@ def send(relay: RelayProcess, recipients: list[str], body: bytes | None = None, 
     return text.decode().rsplit(" ", 1)[-1]
 
 
+def route(domain: str, host: str, **keys: str) -> str:
+    """One [[delivery.routes]] table (string values only)."""
+    lines = [f'domain = "{domain}"', f'host = "{host}"', *(f'{k} = "{v}"' for k, v in keys.items())]
+    return "\n[[delivery.routes]]\n" + "\n".join(lines) + "\n"
+
+
 def queue_states(relay: RelayProcess) -> dict[str, Any]:
     """queue id -> DeliveryState of the live messages, read from the spool on disk."""
     return {m.envelope.queue_id: m.state for m in Spool(relay.spool_dir).scan()}
@@ -183,11 +189,7 @@ def test_ipv6_next_hops_by_aaaa_record_and_by_route(world: World) -> None:
     world.zone.aaaa("mx6.six.test", "::1")
     by_dns = world.sink("::1")
     by_route = world.sink("::1", free_port())
-    routes = f"""
-[[delivery.routes]]
-domain = "routed.test"
-host = "[::1]:{by_route.port}"
-"""
+    routes = route("routed.test", f"[::1]:{by_route.port}")
     relay = world.start(routes=routes)
     qid = send(relay, ["a@six.test", "b@routed.test"])
     assert [m.rcpt_tos for m in by_dns.wait(1)] == [["a@six.test"]]
@@ -206,17 +208,8 @@ def test_routes_override_dns_first_match_wins(world: World) -> None:
     exact = world.sink("127.0.0.5", free_port())
     subdomains = world.sink("127.0.0.6", free_port())
     everything = world.sink("127.0.0.7", free_port())
-    routes = f"""
-[[delivery.routes]]
-domain = "dest.test"
-host = "127.0.0.5:{exact.port}"
-[[delivery.routes]]
-domain = ".dest.test"
-host = "127.0.0.6:{subdomains.port}"
-[[delivery.routes]]
-domain = "*"
-host = "127.0.0.7:{everything.port}"
-"""
+    routes = (route("dest.test", f"127.0.0.5:{exact.port}") + route(".dest.test", f"127.0.0.6:{subdomains.port}")
+              + route("*", f"127.0.0.7:{everything.port}"))
     relay = world.start(routes=routes)
     send(relay, ["a@dest.test", "b@sub.dest.test", "c@elsewhere.test"])
     assert [m.rcpt_tos for m in exact.wait(1)] == [["a@dest.test"]]
@@ -525,18 +518,9 @@ def test_starttls_verified_with_auth_and_required_tls_without_starttls_defers(wo
     server_ctx.load_cert_chain(certs.cert, certs.key)
     secure = world.sink("127.0.0.1", free_port(), tls_context=server_ctx, credentials=("relayuser", "s3cret"))
     plain = world.sink("127.0.0.8", free_port())
-    routes = f"""
-[[delivery.routes]]
-domain = "secure.test"
-host = "127.0.0.1:{secure.port}"
-tls = "verify"
-username = "relayuser"
-password = "s3cret"
-[[delivery.routes]]
-domain = "plain.test"
-host = "127.0.0.8:{plain.port}"
-tls = "required"
-"""
+    routes = (route("secure.test", f"127.0.0.1:{secure.port}", tls="verify", username="relayuser",
+                    password="s3cret")
+              + route("plain.test", f"127.0.0.8:{plain.port}", tls="required"))
     relay = world.start(routes=routes, retry='["1h"]', extra=f'ca_file = "{certs.ca_file}"\n')
     qid = send(relay, ["a@secure.test", "b@plain.test"])
     [message] = secure.wait(1)
@@ -557,15 +541,8 @@ def test_the_global_tls_policy_applies_to_mx_delivery_and_routes_without_their_o
     world.sink("127.0.0.2")                                   # MX-routed, no STARTTLS
     inherits = world.sink("127.0.0.3", free_port())           # a route with no tls of its own
     own = world.sink("127.0.0.4", free_port())                # a route that says tls = "none"
-    routes = f"""
-[[delivery.routes]]
-domain = "inherits.test"
-host = "127.0.0.3:{inherits.port}"
-[[delivery.routes]]
-domain = "own.test"
-host = "127.0.0.4:{own.port}"
-tls = "none"
-"""
+    routes = route("inherits.test", f"127.0.0.3:{inherits.port}") + route("own.test", f"127.0.0.4:{own.port}",
+                                                                           tls="none")
     relay = world.start(routes=routes, retry='["1h"]', extra='tls = "required"\n')
     qid = send(relay, ["a@dest.test", "b@inherits.test", "c@own.test"])
     [message] = own.wait(1)
