@@ -60,6 +60,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from logging import INFO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -461,10 +462,10 @@ class AbuseDesk:
         track = self._track_for(envelope)
         facts, builtin = self._builtin(envelope, self.reader.read(location), track)
         results = [builtin] if builtin else []
-        result, action, summary = self._judge(envelope, track, results, [])
+        result, action = self._judge(envelope, track, results, [])
         if action == "quarantine":
             return None
-        return self._conclude(envelope, track, facts, result, action, summary, [])
+        return self._conclude(envelope, track, facts, result, action, results, [])
 
     async def pre_delivery(self, envelope: Envelope, location: Location) -> Verdict:
         if not self.enabled or not envelope.client_ip:
@@ -545,25 +546,26 @@ class AbuseDesk:
     def _builtin_result(self, signals: list[Signal], virus: str, envelope: Envelope,
                         track: SenderTrack | None) -> ScanResult:
         ab = self.settings
-        signals = list(signals)
         if track is not None:
             now = time.time()
             n = len(envelope.recipients)
             if n >= ab.builtin_many_recipients:
                 new = sum(1 for r in envelope.recipients if not track.recipients.seen(_rcpt_key(r), now))
                 if new >= NEW_RECIPIENTS_SHARE * n:
-                    signals.append(Signal("MANY_NEW_RECIPIENTS", W_NEW_RECIPIENTS,
-                                          f"{new} of {n} never written to before"))
+                    signals = [*signals, Signal("MANY_NEW_RECIPIENTS", W_NEW_RECIPIENTS,
+                                                f"{new} of {n} never written to before")]
             recent = track.hourly.total(now) + 1
             if recent >= ab.builtin_volume_min:
                 history = min(BASELINE_SPAN, now - track.first_seen) - HOUR
                 before = track.baseline.total(now) - (recent - 1)
                 per_hour = before / (history / HOUR) if history >= HOUR else 0.0
                 if recent > ab.builtin_volume_factor * max(per_hour, 1.0):
-                    signals.append(Signal("VOLUME_JUMP", W_VOLUME_JUMP,
-                                          f"{recent} messages in the last hour, baseline {per_hour:.1f}/h"))
-        score = sum(s.weight for s in signals)
-        reasons = tuple(s.reason() for s in signals)
+                    signals = [*signals, Signal("VOLUME_JUMP", W_VOLUME_JUMP,
+                                                f"{recent} messages in the last hour, baseline {per_hour:.1f}/h")]
+        score = 0.0
+        for s in signals:
+            score += s.weight
+        reasons = tuple([s.reason() for s in signals]) if signals else ()
         if virus:
             return ScanResult("builtin", VIRUS, score, ab.builtin_threshold, (virus, *reasons))
         verdict = SPAM if score >= ab.builtin_threshold else CLEAN
@@ -571,16 +573,16 @@ class AbuseDesk:
 
     async def _decide(self, envelope: Envelope, track: SenderTrack | None, facts: ContentFacts,
                       results: list[ScanResult], errors: list[str]) -> Verdict:
-        result, action, summary = self._judge(envelope, track, results, errors)
-        verdict = self._conclude(envelope, track, facts, result, action, summary, errors)
+        result, action = self._judge(envelope, track, results, errors)
+        verdict = self._conclude(envelope, track, facts, result, action, results, errors)
         if action == "quarantine":
             # The record is on disk before the hold: `quarantine list` can always say why.
             await self.save()
         return verdict
 
     def _judge(self, envelope: Envelope, track: SenderTrack | None, results: list[ScanResult],
-               errors: list[str]) -> tuple[ScanResult, str, str]:
-        """(the decisive result, the action, every result in one line); counts nothing."""
+               errors: list[str]) -> tuple[ScanResult, str]:
+        """(the decisive result, the action); counts nothing."""
         decisive = None
         for r in results:
             if r.verdict == VIRUS:
@@ -588,10 +590,9 @@ class AbuseDesk:
                 break
             if r.verdict == SPAM and decisive is None:
                 decisive = r
-        summary = ", ".join(r.summary() for r in results) or "none"
         if errors and decisive is None and self.settings.on_scanner_error == "defer":
             self.counters["deferred"] += 1
-            raise PreDeliveryDeferred(f"{'; '.join(errors)} (answered: {summary})")
+            raise PreDeliveryDeferred(f"{'; '.join(errors)} (answered: {_summary(results)})")
         result = decisive or (results[0] if results else ScanResult("none", CLEAN))
         verdict = result.verdict
         if verdict == CLEAN:
@@ -600,10 +601,10 @@ class AbuseDesk:
             action = "bounce"
         else:
             action = "quarantine"
-        return result, action, summary
+        return result, action
 
     def _conclude(self, envelope: Envelope, track: SenderTrack | None, facts: ContentFacts, result: ScanResult,
-                  action: str, summary: str, errors: list[str]) -> Verdict:
+                  action: str, results: list[ScanResult], errors: list[str]) -> Verdict:
         """Count the verdict, log it, check the sender's thresholds; a quarantine record is kept
         (the caller saves it before the hold)."""
         qid = envelope.queue_id
@@ -615,16 +616,19 @@ class AbuseDesk:
         if track is not None:
             self._count(track, envelope, verdict, subject, now)
         detail = "" if verdict == CLEAN else _detail(result)
-        log.info("%s: scan: verdict=%s, scanner=%s, score=%.1f/%.1f, reasons=%s, action=%s, from=<%s>, "
-                 "counted_as=%s, results=%s%s", qid, verdict, result.scanner, result.score, result.threshold,
-                 ",".join(result.reasons) or "-", action, envelope.sender,
-                 track.subject if track is not None else "-", summary,
-                 f", unavailable: {'; '.join(errors)}" if errors else "")
+        # The line and the event are built only for a reader: for a clean message
+        # their formatting costs as much as the counting (docs/abuse.md, Cost).
+        if log.isEnabledFor(INFO):
+            log.info("%s: scan: verdict=%s, scanner=%s, score=%.1f/%.1f, reasons=%s, action=%s, from=<%s>, "
+                     "counted_as=%s, results=%s%s", qid, verdict, result.scanner, result.score, result.threshold,
+                     ",".join(result.reasons) or "-", action, envelope.sender,
+                     track.subject if track is not None else "-", _summary(results),
+                     f", unavailable: {'; '.join(errors)}" if errors else "")
         if events.enabled():
             events.emit("abuse_verdict", queue_id=qid, verdict=verdict, scanner=result.scanner,
                         score=result.score, threshold=result.threshold, reasons=list(result.reasons),
                         action=action, sender=envelope.sender, counted_as=track.subject if track else None,
-                        results=summary, unavailable=errors)
+                        results=_summary(results), unavailable=errors)
         if track is not None and verdict != CLEAN:
             self._check(track, now)
         if action == "deliver":
@@ -963,6 +967,11 @@ class AbuseDesk:
             await self.save()
         except OSError as exc:
             log.error("abuse: cannot write %s at shutdown: %s", self.path, exc)
+
+
+def _summary(results: list[ScanResult]) -> str:
+    """Every scanner's result in one line."""
+    return ", ".join(r.summary() for r in results) or "none"
 
 
 def _detail(result: ScanResult) -> str:
