@@ -400,16 +400,89 @@ class Fastrelay(Server):
 
     def start(self) -> None:
         self.fresh_dir()
+        self.prepare()
         self.port = free_port()
         self.tls_port = free_port() if "implicit" in self.features else 0
         self.config = self.dir / "relay.toml"
         self.config.write_text(self.config_text())
         self._spawn([PYTHON, "-m", "fastrelay", "serve", "--config", str(self.config)])
 
+    def prepare(self) -> None:
+        """What the config needs before it is written (FastrelayDelivery: its next hop)."""
+
     def stored(self) -> int | None:
         from fastrelay.spool import Spool
 
         return len(Spool(self.dir / "spool").scan())
+
+
+# Delivery to a private smtp-sink: fastrelay's end-to-end row, and bench/e2e_delivery.py's.
+DELIVERY_SECTION = """
+[delivery]
+concurrency = 100
+per_destination_concurrency = 50
+connection_idle_time = 5
+retry_schedule = ["1s"]
+
+[[delivery.routes]]
+domain = "*"
+host = "{host}:{sink_port}"
+"""
+
+
+class CountingSink:
+    """smtp-sink with -c: its running counter (``mesg=N``) says how many messages arrived."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.out = directory / "sink.out"
+        with open(self.out, "wb") as out:
+            self.proc = subprocess.Popen([SMTP_SINK, "-c", "-u", "nobody", f"{HOST}:{self.port}", "4096"],
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_banner(self.port, proc=self.proc)
+
+    def count(self, what: bytes = b"mesg") -> int:
+        """The counter's last value: b"mesg" (messages) or b"sess" (connections)."""
+        with open(self.out, "rb") as f:
+            f.seek(max(0, os.path.getsize(self.out) - 200))
+            found = re.findall(what + rb"=(\d+)", f.read())
+        return int(found[-1]) if found else 0
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+class FastrelayDelivery(Fastrelay):
+    """Accept and deliver, as the Postfix relay row does: the rate is smtp-source's, while
+    delivering; ``settle`` waits until the sink has every message (CPU includes delivery)."""
+
+    name = "fastrelay-delivery"
+    label = "fastrelay, accept + delivery to smtp-sink, log level info (as Postfix logs)"
+    level = "info"
+
+    def config_text(self) -> str:
+        text = super().config_text()
+        delivery = Fastrelay.delivery_section or ""
+        return text.replace(delivery, DELIVERY_SECTION.format(host=HOST, sink_port=self.sink.port), 1) \
+            if delivery else text + DELIVERY_SECTION.format(host=HOST, sink_port=self.sink.port)
+
+    def supports(self, features: frozenset[str]) -> bool:
+        return not features
+
+    def prepare(self) -> None:
+        self.sink = CountingSink(self.dir)
+
+    def settle(self, expected: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.sink.count() < expected and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def stored(self) -> int | None:
+        return self.sink.count()
+
+    def stop(self) -> None:
+        super().stop()
+        self.sink.stop()
 
 
 class FastrelayCheapHash(Fastrelay):
@@ -634,7 +707,7 @@ class Postfix(Server):
     def settle(self, expected: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.queued() and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.02)   # as FastrelayDelivery polls its sink: the end-to-end times compare
 
     def stop(self) -> None:
         subprocess.run([POSTFIX, "-c", str(self.conf), "stop"], capture_output=True, check=False)
@@ -707,10 +780,10 @@ class Haraka(Server):
 
 
 SERVERS: dict[str, type[Server]] = {
-    cls.name: cls for cls in (Fastrelay, FastrelayInfo, FastrelayCheapHash, Postfix, PostfixHold, Aiosmtpd,
+    cls.name: cls for cls in (Fastrelay, FastrelayInfo, FastrelayDelivery, FastrelayCheapHash, Postfix, PostfixHold, Aiosmtpd,
                               Floor, Sink, Haraka)
 }
-DEFAULT_SERVERS = ["fastrelay", "postfix", "postfix-hold", "aiosmtpd", "floor", "sink"]
+DEFAULT_SERVERS = ["fastrelay", "fastrelay-delivery", "postfix", "postfix-hold", "aiosmtpd", "floor", "sink"]
 
 
 # --- one run --------------------------------------------------------------------------
@@ -737,6 +810,7 @@ class Run:
     connections: int = 0       # bench only
     p50_ms: float = float("nan")   # bench only: per message latency
     p99_ms: float = float("nan")
+    settled_seconds: float = float("nan")  # load start -> the server settled (forwarders: the sink has all)
 
 
 def smtp_source_argv(case: Case, port: int) -> list[str]:
@@ -795,6 +869,7 @@ def run_once(server: Server, case: Case, rnd: int, timeout: float, generator: st
                     bench_out = json.loads(out.read().decode(errors="replace") or "{}")
             sent = int(bench_out.get("sent", 0)) if generator == "bench" else case.messages
             server.settle(sent, timeout)
+            settled = time.perf_counter() - t0
             cpu2, busy2 = tree_cpu(root), machine_busy()
             client_cpu = usage.ru_utime + usage.ru_stime
             err.seek(0)
@@ -834,7 +909,8 @@ def run_once(server: Server, case: Case, rnd: int, timeout: float, generator: st
                server_cpu, cpu1 - cpu0, client_cpu, other, stored, ok, " ".join(argv), note,
                generator=generator, wall_seconds=seconds,
                connections=int(bench_out.get("connections", 0)),
-               p50_ms=latency.get("p50") or float("nan"), p99_ms=latency.get("p99") or float("nan"))
+               p50_ms=latency.get("p50") or float("nan"), p99_ms=latency.get("p99") or float("nan"),
+               settled_seconds=settled)
 
 
 # --- the suite ------------------------------------------------------------------------
@@ -909,11 +985,17 @@ class Summary:
         runs = [r for r in self.runs.get(server, []) if r.ok and r.generator == "bench"]
         return median([r.p50_ms for r in runs]), median([r.p99_ms for r in runs])
 
-    def ratio(self, a: str, b: str) -> float:
-        """Median over rounds of rate(a)/rate(b) measured in the same round."""
-        ra = {r.round: r.rate for r in self.runs.get(a, []) if r.ok}
-        rb = {r.round: r.rate for r in self.runs.get(b, []) if r.ok}
+    def ratio(self, a: str, b: str, end_to_end: bool = False) -> float:
+        """Median over rounds of rate(a)/rate(b) measured in the same round (or of their
+        end-to-end rates: messages over the time until each had settled)."""
+        def rate(r: Run) -> float:
+            return r.messages / r.settled_seconds if end_to_end else r.rate
+        ra = {r.round: rate(r) for r in self.runs.get(a, []) if r.ok}
+        rb = {r.round: rate(r) for r in self.runs.get(b, []) if r.ok}
         return median([ra[k] / rb[k] for k in ra if k in rb])
+
+    def end_to_end_rate(self, server: str) -> float:
+        return median([r.messages / r.settled_seconds for r in self.runs.get(server, []) if r.ok])
 
 
 def fmt(x: float, digits: int = 0) -> str:
@@ -940,11 +1022,17 @@ def report(summaries: list[Summary], servers: list[str], meta: dict[str, Any]) -
     lines.append("")
     others = [s for s in ("fastrelay-cheaphash", "postfix", "postfix-hold", "aiosmtpd", "floor", "sink", "haraka")
               if s in servers]
-    lines.append("| case | fastrelay msg/s | " + " | ".join(f"/ {o}" for o in others) + " |")
-    lines.append("|---|---:|" + "---:|" * len(others))
+    # Accept + delivery against Postfix relaying to its own smtp-sink: the end-to-end ratio
+    # (messages over the time until the sink had them all).
+    e2e = "fastrelay-delivery" in servers and "postfix" in servers
+    lines.append("| case | fastrelay msg/s | " + " | ".join(f"/ {o}" for o in others)
+                 + (" | end to end: fastrelay-delivery msg/s | end to end / postfix's" if e2e else "") + " |")
+    lines.append("|---|---:|" + "---:|" * (len(others) + (2 if e2e else 0)))
     for s in summaries:
         lines.append(f"| {s.case.name} | {fmt(s.rate('fastrelay'))} | "
-                     + " | ".join(fmt(s.ratio("fastrelay", o), 2) for o in others) + " |")
+                     + " | ".join(fmt(s.ratio("fastrelay", o), 2) for o in others)
+                     + (f" | {fmt(s.end_to_end_rate('fastrelay-delivery'))} | "
+                        f"{fmt(s.ratio('fastrelay-delivery', 'postfix', end_to_end=True), 2)}" if e2e else "") + " |")
     lines.append("")
     for s in summaries:
         c = s.case
@@ -1043,6 +1131,47 @@ GENERATOR_CHECK = [("fastrelay", "smtp-source"), ("fastrelay", "bench"), ("sink"
 TLS_SERVERS = ["fastrelay", "fastrelay-cheaphash", "postfix", "postfix-hold"]
 
 
+def run_micro(out_json: Path) -> list[dict[str, Any]]:
+    """The pytest-benchmark micro benchmarks (bench/test_bench_*.py), before any server runs.
+
+    They go in the same report as the end-to-end figures, so that the one
+    command gives every figure the issue asks for; a failure is reported,
+    not fatal (the end-to-end runs still matter)."""
+    argv = [PYTHON, "-m", "pytest", str(BENCH), "--benchmark-only", "-q", "-p", "no:cacheprovider",
+            f"--benchmark-json={out_json}"]
+    print("micro benchmarks: " + " ".join(argv[1:]), flush=True)
+    done = subprocess.run(argv, cwd=BENCH.parent, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0 or not out_json.exists():
+        print(f"micro benchmarks failed (exit {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-1000:]}",
+              file=sys.stderr)
+        return []
+    return list(json.loads(out_json.read_text()).get("benchmarks", []))
+
+
+def _duration(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:,.2f} {unit}"
+    return f"{seconds * 1e9:,.0f} ns"
+
+
+def report_micro(benchmarks: list[dict[str, Any]]) -> list[str]:
+    if not benchmarks:
+        return []
+    lines = ["## Micro benchmarks (pytest-benchmark, in process)", "",
+             ("Command: `.venv/bin/pytest bench/ --benchmark-only`; median and interquartile range of each "
+              "benchmark's rounds; `extra` is what the benchmark reports itself (throughput, sizes)."), "",
+             "| group | benchmark | median | IQR | rounds | per second | extra |", "|---|---|---:|---:|---:|---:|---|"]
+    for b in sorted(benchmarks, key=lambda b: (b.get("group") or "", b["name"])):
+        st = b["stats"]
+        extra = ", ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in sorted(b.get("extra_info", {}).items()))
+        lines.append(f"| {b.get('group') or '-'} | {b['name']} | {_duration(st['median'])} | {_duration(st['iqr'])} | "
+                     f"{st['rounds']} | {1 / st['median']:,.0f} | {extra} |")
+    return [*lines, ""]
+
+
 def run_suite(args: argparse.Namespace) -> int:
     cases = select_cases(args)
     servers = list(args.servers or (TLS_SERVERS if args.tls else DEFAULT_SERVERS))
@@ -1072,6 +1201,9 @@ def run_suite(args: argparse.Namespace) -> int:
     meta: dict[str, Any] = {"started": started, "argv": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                             "runs": args.runs, "machine": machine(), "versions": versions()}
     summaries = []
+    micro: list[dict[str, Any]] = []
+    if args.micro and not (args.tls or args.check_generator):
+        micro = run_micro(work / "micro.json")
     try:
         for case in cases:
             s = Summary(case)
@@ -1102,6 +1234,7 @@ def run_suite(args: argparse.Namespace) -> int:
         prefix = "generator-check-"
     else:
         text = report(summaries, shown, meta)
+        text += "\n" + "\n".join(report_micro(micro))
         prefix = "e2e-tls-" if args.tls else "e2e-"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1111,7 +1244,7 @@ def run_suite(args: argparse.Namespace) -> int:
         text += f"\n![messages/s per case]({png.name})\n"
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps(
-        {"meta": meta, "cases": [asdict(s.case) for s in summaries],
+        {"meta": meta, "micro": micro, "cases": [asdict(s.case) for s in summaries],
          "runs": [asdict(r) for s in summaries for rs in s.runs.values() for r in rs]}, indent=1))
     print()
     print(text)
@@ -1278,6 +1411,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servers", nargs="*", choices=sorted(SERVERS), help=f"default: {' '.join(DEFAULT_SERVERS)}")
     ap.add_argument("--messages", type=int, help="override the message count of every case")
     ap.add_argument("--no-info", action="store_true", help="skip fastrelay at log level info")
+    ap.add_argument("--no-micro", dest="micro", action="store_false",
+                    help="skip the pytest-benchmark micro benchmarks (run first, about 2 minutes)")
     ap.add_argument("--haraka", metavar="DIR", default=str(WORK_BASE / "haraka"),
                     help="where bench/setup_haraka.sh installed Haraka (default %(default)s); "
                          "Haraka is added when it is there")

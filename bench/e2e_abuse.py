@@ -38,18 +38,20 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from e2e import (
+    DELIVERY_SECTION,
     FASTRELAY_CONFIG,
     HOST,
     KIB,
     PYTHON,
     SMTP_SOURCE,
     WORK_BASE,
+    CountingSink,
     free_port,
     stop_process,
     tree_cpu,
     wait_banner,
 )
-from e2e_delivery import CASES, DELIVERY_SECTION, Case, CountingSink
+from e2e_delivery import CASES, Case
 
 VARIANTS = {
     "off": "\n[abuse]\nenabled = false\n",

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -47,6 +46,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from e2e import (
+    DELIVERY_SECTION,
     FASTRELAY_CONFIG,
     HOST,
     KIB,
@@ -54,27 +54,15 @@ from e2e import (
     POSTFIX_MAIN,
     POSTFIX_MASTER,
     PYTHON,
-    SMTP_SINK,
     SMTP_SOURCE,
     WORK_BASE,
+    CountingSink,
     free_port,
     machine_busy,
     stop_process,
     tree_cpu,
     wait_banner,
 )
-
-DELIVERY_SECTION = """
-[delivery]
-concurrency = 100
-per_destination_concurrency = 50
-connection_idle_time = 5
-retry_schedule = ["1s"]
-
-[[delivery.routes]]
-domain = "*"
-host = "{host}:{sink_port}"
-"""
 
 
 @dataclass(frozen=True)
@@ -87,28 +75,6 @@ class Case:
 
 CASES = {c.name: c for c in (Case("1k-new", KIB, False), Case("1k-reuse", KIB, True),
                               Case("100k-reuse", 100 * KIB, True))}
-
-
-class CountingSink:
-    """smtp-sink with -c: its running counter (``mesg=N``) says how many messages arrived."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.out = directory / "sink.out"
-        with open(self.out, "wb") as out:
-            self.proc = subprocess.Popen([SMTP_SINK, "-c", "-u", "nobody", f"{HOST}:{self.port}", "4096"],
-                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_banner(self.port, proc=self.proc)
-
-    def count(self, what: bytes = b"mesg") -> int:
-        """The counter's last value: b"mesg" (messages) or b"sess" (connections)."""
-        with open(self.out, "rb") as f:
-            f.seek(max(0, os.path.getsize(self.out) - 200))
-            found = re.findall(what + rb"=(\d+)", f.read())
-        return int(found[-1]) if found else 0
-
-    def stop(self) -> None:
-        stop_process(self.proc)
 
 
 class Relay:
