@@ -44,6 +44,7 @@ from .config import DeliveryConfig, RouteConfig, parse_hostport
 
 # How long one DNS question may take, retries included (dnspython's lifetime).
 DNS_LIFETIME = 10.0
+DESTINATION_CACHE = 10_000   # recipient domains whose destination is remembered (all forgotten when full)
 
 
 class NextHop(NamedTuple):
@@ -117,9 +118,21 @@ class Router:
         self.config = config
         self.resolver = resolver if resolver is not None else make_resolver(config.nameservers)
         self._route_hosts = [parse_hostport(r.host, config.mx_port) for r in config.routes]
+        # Every message asks twice (the queue manager groups, the agent queues); the
+        # answer depends only on the domain and this config, and the route walk with
+        # its key costs a few microseconds.  A new config makes a new Router.
+        self._destinations: dict[str, Destination] = {}
 
     def destination_for(self, domain: str) -> Destination:
-        domain = domain.lower().rstrip(".")
+        found = self._destinations.get(domain)
+        if found is not None:
+            return found
+        if len(self._destinations) >= DESTINATION_CACHE:
+            self._destinations.clear()
+        found = self._destinations[domain] = self._destination(domain.lower().rstrip("."))
+        return found
+
+    def _destination(self, domain: str) -> Destination:
         for route, (host, port) in zip(self.config.routes, self._route_hosts):
             if route_matches(route.domain, domain):
                 # Routes with the same host and settings share a queue and connections.
