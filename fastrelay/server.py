@@ -916,8 +916,11 @@ class SmtpSession(asyncio.Protocol):
                 return
             content = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if flags & CONTENT_LEADING_DOT:
-            # RFC 5321 §4.5.2: remove the leading dot of every line that has one.
-            content = (b"\r\n" + content).replace(b"\r\n.", b"\r\n")[2:]
+            # RFC 5321 §4.5.2: remove the leading dot of every line that has one
+            # (the first line by hand: a CRLF put in front would copy the content twice).
+            content = content.replace(b"\r\n.", b"\r\n")
+            if content[:1] == b".":
+                content = content[1:]
             self.dot_lines = True
         if flags & CONTENT_8BIT:
             self.body_8bit = True
