@@ -82,3 +82,13 @@ class LiteralSet:
     def __init__(self, needles: Iterable[bytes]) -> None: ...
     def found(self, data: bytes | bytearray | memoryview) -> int:
         """A bit per needle (1 << its index) that occurs in ``data``."""
+
+HEADER_MESSAGE_ID: Final[int]
+HEADER_DATE: Final[int]
+HEADER_NAME: Final[int]
+HEADER_BOUNDARY: Final[int]
+
+def header_facts(body: bytes, url_scan_bytes: int) -> tuple[int, int, int, int, int, int, int, int]:
+    """(flags, head_len, text_start, from_start, from_end, subject_start, subject_end, urls) of a message:
+    HEADER_* flags, where its header section ends and its text starts, the stripped From: and
+    Subject: values (-1, -1 when absent), and "://" in the text's first ``url_scan_bytes``."""

@@ -26,14 +26,12 @@ from typing import Any
 
 import pytest
 from conftest import RelayProcess, free_port
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from scanner_daemons import EICAR, GTUBE, Daemon, running, start_clamd, start_rspamd, start_spamd
 from sink import Sink, SinkMessage
 
 from fastrelay.config import load_config
 from fastrelay.errors import ConfigError
-from fastrelay.scanners import content_signals, count_urls
+from fastrelay.scanners import content_signals
 from fastrelay.spool import Envelope, MessageState, Spool
 
 ACCOUNTS = """
@@ -323,17 +321,6 @@ def test_the_synchronous_check_answers_clean_mail_and_leaves_a_quarantine_to_the
         spool.close()
 
     asyncio.run(run())
-
-
-@settings(max_examples=500, deadline=None)
-@given(st.lists(st.sampled_from([b":", b"/", b"//", b"://", b"a", b"http", b"\r\n", b":/"]), max_size=200),
-       st.integers(min_value=0, max_value=50), st.integers(min_value=0, max_value=1000))
-def test_count_urls_is_a_substring_count(parts: list[bytes], start: int, end: int) -> None:
-    """The memchr-probing URL count agrees with bytes.count, below and above COLON_PROBES colons."""
-    text = b"".join(parts)
-    assert count_urls(text, start, end) == text.count(b"://", start, end)
-    many = text * 40    # well past COLON_PROBES colons: the plain count takes over
-    assert count_urls(many, start, len(many) - end) == many.count(b"://", start, len(many) - end)
 
 
 # --- each daemon ---------------------------------------------------------------------------------

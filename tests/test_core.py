@@ -998,3 +998,67 @@ def test_literal_set_refuses_needles_it_cannot_hold(needles: list[bytes], messag
 
     with pytest.raises(ValueError, match=message):
         LiteralSet(needles)
+
+
+# --- header_facts ---------------------------------------------------------------------------
+
+
+def _header_facts_model(body: bytes, url_scan_bytes: int) -> tuple[int, ...]:
+    """What the builtin scanner computed in Python before header_facts: finds in a
+    lower-cased copy of the header section, bytes.strip, and a substring count."""
+    from fastrelay._core import HEADER_BOUNDARY, HEADER_DATE, HEADER_MESSAGE_ID, HEADER_NAME
+
+    end = body.find(b"\r\n\r\n")
+    head, text_start = (body, len(body)) if end < 0 else (body[:end + 2], end + 4)
+    lowered = b"\n" + head.lower()
+
+    def field(needle: bytes) -> tuple[int, int]:
+        at = lowered.find(needle)
+        if at < 0:
+            return -1, -1
+        start = at + len(needle) - 1
+        stop = head.find(b"\r\n", start)
+        while stop >= 0 and head[stop + 2:stop + 3] in (b" ", b"\t"):
+            stop = head.find(b"\r\n", stop + 2)
+        value = head[start:len(head) if stop < 0 else stop]
+        lead = len(value) - len(value.lstrip())
+        return start + lead, start + lead + len(value.strip())
+
+    flags = ((HEADER_MESSAGE_ID if b"\nmessage-id:" in lowered else 0) | (HEADER_DATE if b"\ndate:" in lowered else 0)
+             | (HEADER_NAME if b"name" in lowered else 0) | (HEADER_BOUNDARY if b"boundary" in lowered else 0))
+    scanned = min(len(body) - text_start, url_scan_bytes)
+    urls = body.count(b"://", text_start, text_start + scanned) if scanned > 0 else 0
+    return (flags, len(head), text_start, *field(b"\nfrom:"), *field(b"\nsubject:"), urls)
+
+
+_HEADER_PIECES = [b"From: Alice <a@example.com>", b"from:x", b"FROM:", b"Subject: hi", b"sUbJeCt:", b"Date: now",
+                  b"Message-ID: <m@x>", b"message-id:", b" folded", b"\tfolded", b"X-Name: y", b"filename=a.exe",
+                  b"Content-Type: multipart/mixed; BOUNDARY=q", b"", b"\r\n", b"\r", b"\n", b" ", b"\x0b",
+                  b"http://a.test/", b"://", b":", b"/", b"x" * 30]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_HEADER_PIECES) | st.binary(max_size=8), max_size=40),
+       st.sampled_from([b"\r\n", b"", b" ", b"\n"]), st.integers(min_value=0, max_value=80))
+def test_header_facts_agree_with_the_python_model(pieces: list[bytes], joint: bytes, url_scan_bytes: int) -> None:
+    """Lines, folds, the empty line, bare CR and LF, case, and URLs straddling the scan limit."""
+    from fastrelay._core import header_facts
+
+    body = joint.join(pieces)
+    for limit in (url_scan_bytes, 32 * 1024):
+        assert header_facts(body, limit) == _header_facts_model(body, limit), (body, limit)
+
+
+def test_header_facts_on_a_typical_message() -> None:
+    from fastrelay._core import HEADER_DATE, HEADER_MESSAGE_ID, header_facts
+
+    body = (b"Received: by mx\r\nFrom: \"Alice\" <alice@example.com>\r\nSubject: Quarterly\r\n  numbers \r\n"
+            b"Date: Thu, 27 Nov 2025 10:00:00 +0000\r\nMessage-ID: <q1@example.com>\r\n\r\n"
+            b"See https://intranet.example.com/q3 and ftp://x.test.\r\n")
+    flags, head, text, fs, fe, ss, se, urls = header_facts(body, 32 * 1024)
+    assert flags == HEADER_MESSAGE_ID | HEADER_DATE
+    assert body[:head].endswith(b"<q1@example.com>\r\n") and body[text:].startswith(b"See ")
+    assert body[fs:fe] == b'"Alice" <alice@example.com>'
+    assert body[ss:se] == b"Quarterly\r\n  numbers"
+    assert urls == 2
+    assert header_facts(b"no header end\r\nFrom: x", 100)[1:3] == (len(b"no header end\r\nFrom: x"),) * 2
