@@ -13,8 +13,24 @@ Figures, each the median of ``--runs`` runs, variants alternating (A B, B A, ...
   end-to-end msg/s messages / seconds until the sink had every message
                    (for builtin: every message scanned, then delivered)
 
+Side by side (``--side-by-side``): the machine's speed drifts between runs by
+more than the difference measured (the same configuration's CPU per message
+moved from 0.34 to 0.54 ms between consecutive runs), so a ratio of runs
+taken one after the other needs many rounds.  This mode runs both relays at
+once, each with its own smtp-source (-c, a running count of completed DATA)
+and sink, on the same two cores: whatever slows the machine slows both.
+After a second of warm-up, each relay's accept rate is its smtp-source
+counter's progress over the same ``--window`` seconds.  The ratio of the two
+rates is the ratio of their CPU cost per message (the scheduler shares the
+cores between the two relays); the variants swap their start order every
+round.  Each round still varies (0.8-1.2 here: which core each process
+lands on matters), so take the median of many.  Pinning each relay to a core
+of its own (taskset) was tried and varied more: one core is much slower
+than the other on this machine.
+
 Usage:
   .venv/bin/python bench/e2e_abuse.py [--runs 3] [--messages 4000] [--cases 1k-new 1k-reuse 100k-reuse]
+  .venv/bin/python bench/e2e_abuse.py --side-by-side [--runs 9] [--window 4]
 
 Reuses bench/e2e.py's fastrelay config and bench/e2e_delivery.py's counting
 sink.  Only 127.0.0.1 is ever a target; every run is bounded in messages and
@@ -24,6 +40,8 @@ seconds.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -123,6 +141,105 @@ def run_once(variant: str, case: Case, messages: int, work: Path, timeout: float
     return Result(variant, case.name, messages, accept, total, cpu, ok, note)
 
 
+class SideBySide:
+    """One variant's relay, sink and smtp-source in a side-by-side round."""
+
+    def __init__(self, variant: str, case: Case, work: Path) -> None:
+        self.variant = variant
+        self.dir = Path(tempfile.mkdtemp(prefix=f"pair-{variant}-", dir=work))
+        self.sink = CountingSink(self.dir)
+        self.port = free_port()
+        config = self.dir / "relay.toml"
+        config.write_text(FASTRELAY_CONFIG.format_map(_Blank(
+            host=HOST, port=self.port, level="warning",
+            delivery=DELIVERY_SECTION.format(host=HOST, sink_port=self.sink.port) + VARIANTS[variant])))
+        with open(self.dir / "server.out", "wb") as out:
+            self.proc = subprocess.Popen([PYTHON, "-m", "fastrelay", "serve", "--config", str(config)],
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_banner(self.port, proc=self.proc)
+        self.case = case
+        self.source: subprocess.Popen[bytes] | None = None
+        self.counter = self.dir / "source.out"
+
+    def load(self, messages: int) -> None:
+        case = self.case
+        argv = [SMTP_SOURCE, "-c", "-4", "-s", str(case.sessions), "-m", str(messages), "-l", str(case.size),
+                "-r", "1", "-f", "from@example.com", "-t", "to@example.net", "-M", "client.example.com"]
+        if case.reuse:
+            argv.append("-d")
+        with open(self.counter, "wb") as out:
+            self.source = subprocess.Popen([*argv, f"{HOST}:{self.port}"], stdout=out, stderr=subprocess.DEVNULL,
+                                           stdin=subprocess.DEVNULL)
+
+    def accepted(self) -> int:
+        """smtp-source -c's running count: "N\\r" after each completed DATA."""
+        with open(self.counter, "rb") as f:
+            f.seek(max(0, os.path.getsize(self.counter) - 64))
+            found = re.findall(rb"(\d+)\r", f.read())
+        return int(found[-1]) if found else 0
+
+    def stop(self) -> None:
+        if self.source is not None and self.source.poll() is None:
+            self.source.kill()
+            self.source.wait()
+        stop_process(self.proc)
+        self.sink.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def side_by_side(case: Case, rnd: int, window: float, work: Path) -> tuple[float, float]:
+    """(off's accept rate, builtin's) over the same window, both loaded at once."""
+    order = list(VARIANTS) if rnd % 2 == 0 else list(reversed(VARIANTS))
+    pair: dict[str, SideBySide] = {}
+    try:
+        for variant in order:
+            pair[variant] = SideBySide(variant, case, work)
+        # More than either can take in the window: both stay loaded throughout.
+        budget = int(40000 * window) if case.size <= 10 * KIB else int(4000 * window)
+        for variant in order:
+            pair[variant].load(budget)
+        time.sleep(1.0)
+        start = {v: r.accepted() for v, r in pair.items()}
+        t0 = time.perf_counter()
+        time.sleep(window)
+        elapsed = time.perf_counter() - t0
+        end = {v: r.accepted() for v, r in pair.items()}
+        if any(r.source is not None and r.source.poll() is not None for r in pair.values()):
+            raise RuntimeError("a load generator finished (or failed) inside the window: raise the budget")
+    finally:
+        for r in pair.values():
+            r.stop()
+    return ((end["off"] - start["off"]) / elapsed, (end["builtin"] - start["builtin"]) / elapsed)
+
+
+def main_side_by_side(args: argparse.Namespace) -> int:
+    WORK_BASE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="abuse-pair-", dir=WORK_BASE))
+    rows = []
+    try:
+        for name in args.cases:
+            case = CASES[name]
+            rates = []
+            for rnd in range(args.runs):
+                off, on = side_by_side(case, rnd, args.window, work)
+                rates.append((off, on))
+                print(f"{name:<10} round {rnd + 1}  off {off:7.0f} msg/s  builtin {on:7.0f} msg/s  "
+                      f"ratio {on / off:5.2f}", flush=True)
+            rows.append((name, rates))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(f"{'case':<10} {'off msg/s':>10} {'builtin msg/s':>14} {'ratio':>6} {'ratios (min-max)':>18}")
+    for name, rates in rows:
+        ratios = [on / off for off, on in rates]
+        print(f"{name:<10} {statistics.median(r[0] for r in rates):>10.0f} "
+              f"{statistics.median(r[1] for r in rates):>14.0f} {statistics.median(ratios):>6.2f} "
+              f"{min(ratios):>8.2f}-{max(ratios):.2f}")
+    print(f"\n(side by side: both relays loaded at once on the same cores; accept rates over the same "
+          f"{args.window:g} s window; median of {args.runs} rounds)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=3)
@@ -130,7 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-messages", type=int, default=800, help="messages per 100 KiB run")
     p.add_argument("--cases", nargs="+", default=["1k-new", "1k-reuse", "100k-reuse"], choices=list(CASES))
     p.add_argument("--timeout", type=float, default=180.0, help="seconds per run, at most")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="both variants at once on the same cores (see the module docstring)")
+    p.add_argument("--window", type=float, default=4.0, help="seconds measured per side-by-side round")
     args = p.parse_args(argv)
+    if args.side_by_side:
+        return main_side_by_side(args)
     WORK_BASE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="abuse-", dir=WORK_BASE))
     results: list[Result] = []
