@@ -179,6 +179,14 @@ def client_tls_context(policy: TlsPolicy, ca_file: str = "") -> ssl.SSLContext |
     return ctx
 
 
+# A next hop answers the same pipelined MAIL/RCPT/DATA with the same bytes every
+# time (only the final reply carries a queue id): a read seen before is not cut
+# and decoded again.  Replies are immutable, so every connection shares them.
+REMEMBERED_READS = 256        # distinct reads kept (all forgotten when full)
+REMEMBERED_READ_MAX = 512     # longer reads are never kept
+_REPLIES_OF_READ: dict[bytes, tuple[Reply, ...]] = {}
+
+
 class ReplyReader(asyncio.Protocol):
     """Client side of one connection: cuts server replies out of the byte stream."""
 
@@ -198,13 +206,21 @@ class ReplyReader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
-        if buffer:
+        whole = not buffer and not self._lines
+        if whole:
+            known = _REPLIES_OF_READ.get(data)
+            if known is not None:
+                self._replies += known
+                self._wake()
+                return
+        elif buffer:
             buffer += data
             data = bytes(buffer)
             buffer.clear()
         # Whole lines, split at once (a read usually holds whole replies);
         # the last piece is an unfinished line, kept for the next read.
         *lines, rest = data.split(b"\n")
+        first = len(self._replies)
         for line in lines:
             if line[-1:] == b"\r":
                 line = line[:-1]
@@ -216,6 +232,10 @@ class ReplyReader(asyncio.Protocol):
             if sep != b"-":
                 self._replies.append(Reply(int(line[:3]), tuple(self._lines)))
                 self._lines = []
+        if whole and not rest and not self._lines and len(data) <= REMEMBERED_READ_MAX:
+            if len(_REPLIES_OF_READ) >= REMEMBERED_READS:
+                _REPLIES_OF_READ.clear()
+            _REPLIES_OF_READ[data] = tuple(self._replies[first:])
         buffer += rest
         if len(buffer) > MAX_REPLY_LINE:
             self._fail(ConnectionLost("reply line too long", self._replies))
