@@ -200,6 +200,11 @@ class ReplyReader(asyncio.Protocol):
         self._want = 0
         self._waiter: asyncio.Future[list[Reply]] | None = None
         self._lost: ConnectionLost | None = None
+        # The deadline of the current wait.  One timer per connection follows it
+        # lazily (re-armed only when it fires early), instead of an
+        # asyncio.timeout per command, which cost 5 us each.
+        self.deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -256,8 +261,8 @@ class ReplyReader(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(got)
 
-    def expect(self, count: int) -> asyncio.Future[list[Reply]]:
-        """A future for the next ``count`` replies."""
+    def expect(self, count: int, timeout: float) -> asyncio.Future[list[Reply]]:
+        """A future for the next ``count`` replies; TimeoutError after ``timeout`` seconds."""
         fut: asyncio.Future[list[Reply]] = self.loop.create_future()
         if self._lost is not None and len(self._replies) < count:
             fut.set_exception(ConnectionLost(str(self._lost), self._replies))
@@ -265,10 +270,29 @@ class ReplyReader(asyncio.Protocol):
         self._want = count
         self._waiter = fut
         self._wake()
+        if self._waiter is not None:
+            self.deadline = self.loop.time() + timeout
+            if self._timer is None:
+                self._timer = self.loop.call_at(self.deadline, self._check_deadline)
         return fut
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or self.closed:
+            return   # nothing awaited now: the next expect arms the timer again
+        if self.loop.time() < self.deadline:
+            self._timer = self.loop.call_at(self.deadline, self._check_deadline)
+            return
+        self._waiter = None
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._fail(ConnectionLost(f"lost connection ({exc})" if exc else "lost connection", self._replies))
 
     def _fail(self, error: ConnectionLost) -> None:
@@ -424,8 +448,7 @@ class OutboundConnection:
     async def _await(self, count: int, stage: str) -> list[Reply]:
         """The next ``count`` replies, within command_timeout; HopError on timeout or loss."""
         try:
-            async with asyncio.timeout(self.settings.command_timeout):
-                return await self.reader.expect(count)
+            return await self.reader.expect(count, self.settings.command_timeout)
         except TimeoutError:
             self.abort()
             raise HopError(f"conversation with {self.hop.hostname}[{self.hop.address}] timed out "
@@ -552,8 +575,7 @@ class OutboundConnection:
             commands = ([b"RSET\r\n"] if reused else []) + [mail, *rcpts, b"DATA\r\n"]
             self.write(b"".join(commands))
             try:
-                async with asyncio.timeout(self.settings.command_timeout):
-                    replies = await self.reader.expect(len(commands))
+                replies = await self.reader.expect(len(commands), self.settings.command_timeout)
             except ConnectionLost as exc:
                 # A reused connection whose RSET got no 250 was dead (or closing, 421)
                 # before the transaction began: nothing was sent, try a new one.
