@@ -145,7 +145,6 @@ class QueueEntry:
     state: DeliveryState
     timer: asyncio.TimerHandle | None = None
     attempt: Attempt | None = None      # the attempt in flight
-    active_timer: asyncio.TimerHandle | None = None   # writes the active record of a long attempt
     scanning: bool = False              # the pre_delivery hook is running
     moving: bool = False                # being copied forward in the spool (see compact)
     hold_reason: str | None = None      # hold when the current attempt or scan ends
@@ -200,6 +199,11 @@ class QueueManager:
         self.agent: SessionPool | None = None   # made when delivery is enabled
         self.compact_age = COMPACT_AGE
         self._compact_timer: asyncio.TimerHandle | None = None
+        # Attempts by start time, oldest first: one timer writes the active record
+        # of those still running after ACTIVE_RECORD_DELAY (a timer per attempt
+        # cost more than the attempt's own bookkeeping).
+        self._running: dict[QueueEntry, float] = {}
+        self._running_timer: asyncio.TimerHandle | None = None
         self._compacting = False
         self.apply(config, router)
 
@@ -364,7 +368,9 @@ class QueueManager:
             log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active, attempt %d)", env.queue_id, env.sender,
                      entry.location.body_len, len(env.recipients) - len(done), state.attempts + 1)
         entry.state = replace(state, state=MessageState.ACTIVE, next_attempt=0.0)
-        entry.active_timer = self.loop.call_later(ACTIVE_RECORD_DELAY, self._record_active, entry)
+        self._running[entry] = self.loop.time()
+        if self._running_timer is None:
+            self._running_timer = self.loop.call_later(ACTIVE_RECORD_DELAY, self._record_active)
         attempt = Attempt(entry, len(groups))
         entry.attempt = attempt
         self.in_flight += 1
@@ -499,9 +505,7 @@ class QueueManager:
         entry = attempt.entry
         env, state = entry.envelope, entry.state
         entry.attempt = None
-        if entry.active_timer is not None:
-            entry.active_timer.cancel()
-            entry.active_timer = None
+        self._running.pop(entry, None)
         self.spool.release_body(entry.location)
         self.in_flight -= 1
         if self.in_flight == 0:
@@ -562,10 +566,18 @@ class QueueManager:
         self._write_state(entry.state)
         log.info("%s: hold: %s", s.queue_id, reason)
 
-    def _record_active(self, entry: QueueEntry) -> None:
-        entry.active_timer = None
-        if entry.attempt is not None and self.entries.get(entry.envelope.queue_id) is entry:
-            self._write_state(entry.state)
+    def _record_active(self) -> None:
+        self._running_timer = None
+        due = self.loop.time() - ACTIVE_RECORD_DELAY
+        running = self._running
+        while running:
+            entry, started = next(iter(running.items()))
+            if started > due:
+                self._running_timer = self.loop.call_later(started - due, self._record_active)
+                return
+            del running[entry]
+            if entry.attempt is not None and self.entries.get(entry.envelope.queue_id) is entry:
+                self._write_state(entry.state)
 
     def _write_state(self, state: DeliveryState) -> None:
         try:
@@ -719,6 +731,9 @@ class QueueManager:
         if self._compact_timer is not None:
             self._compact_timer.cancel()
             self._compact_timer = None
+        if self._running_timer is not None:
+            self._running_timer.cancel()
+            self._running_timer = None
         for entry in self.entries.values():
             if entry.timer is not None:
                 entry.timer.cancel()
