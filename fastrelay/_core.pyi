@@ -70,7 +70,7 @@ CONTENT_BARE_NEWLINE: Final[int]
 CONTENT_LEADING_DOT: Final[int]
 CONTENT_8BIT: Final[int]
 
-def scan_content(data: bytes) -> int:
+def scan_content(data: bytes | memoryview) -> int:
     """Flags of message content in one pass: bare CR/LF, a line starting with '.', 8-bit bytes."""
 
 def find_end_of_data(data: bytes, start: int = 0) -> int:

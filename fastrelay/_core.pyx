@@ -1238,15 +1238,15 @@ CONTENT_8BIT = 4
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-def scan_content(bytes data):
-    """Flags of ``data``: CONTENT_BARE_NEWLINE | CONTENT_LEADING_DOT | CONTENT_8BIT."""
-    cdef const unsigned char *p = <const unsigned char *>data
-    cdef Py_ssize_t n = len(data)
+def scan_content(const unsigned char[::1] data):
+    """Flags of ``data`` (bytes, or a view of them): CONTENT_BARE_NEWLINE | CONTENT_LEADING_DOT | CONTENT_8BIT."""
+    cdef Py_ssize_t n = data.shape[0]
     cdef Py_ssize_t i = 0, j, stop
     cdef uint64_t w
     cdef int flags = 0
     if n == 0:
         return 0
+    cdef const unsigned char *p = &data[0]
     if p[0] == 46:  # "."
         flags |= 2
     if p[0] == 10:  # a LF with nothing before it

@@ -317,7 +317,7 @@ class SmtpSession(asyncio.Protocol):
         self.dot_lines = False      # some content line starts with "." (to stuff again on delivery)
         self.declared_size = 0
         # DATA framing
-        self.chunks: list[bytes] = []
+        self.chunks: list[bytes | memoryview] = []
         self.data_size = 0
         self.tail = CRLF           # the last bytes seen, to find a terminator split across reads
         self.oversize = False
@@ -868,7 +868,9 @@ class SmtpSession(asyncio.Protocol):
         # Content ends with the CRLF that starts the terminator.
         cut = found + 2 - len(tail)
         if cut >= 0:
-            self._store(data[:cut])
+            # A view, not a copy: a message that came in one read (most do, up to
+            # the loop's 256 KiB read buffer) then reaches the spool uncopied.
+            self._store(memoryview(data)[:cut] if cut < len(data) else data)
         else:
             self._unstore(-cut)
         rest = data[found + 5 - len(tail):]
@@ -877,7 +879,7 @@ class SmtpSession(asyncio.Protocol):
             self.buffer = rest + self.buffer
         return True
 
-    def _store(self, data: bytes) -> None:
+    def _store(self, data: bytes | memoryview) -> None:
         if self.oversize or not data:
             return
         self.data_size += len(data)
@@ -903,24 +905,27 @@ class SmtpSession(asyncio.Protocol):
         if self.oversize:
             self._finish_transaction(replies.MESSAGE_TOO_BIG, "message too big")
             return
-        content = b"".join(self.chunks)
+        chunks = self.chunks
         self.chunks = []
+        # One chunk is the content as it came (bytes, or a view of the read
+        # ending before the terminator); several are joined, in one copy.
+        content: bytes | memoryview = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         flags = scan_content(content)  # one compiled pass instead of five
         if flags & CONTENT_BARE_NEWLINE:
             # A bare CR or LF could make a next hop see a different message
             # end (SMTP smuggling).  "normalize" takes a bare LF as CRLF; a
             # bare CR is refused either way.
-            crlf = content.count(b"\r\n")
-            if self.cfg.bare_newline == "reject" or content.count(b"\r") != crlf:
+            text = bytes(content)
+            crlf = text.count(b"\r\n")
+            if self.cfg.bare_newline == "reject" or text.count(b"\r") != crlf:
                 self._finish_transaction(replies.BARE_NEWLINE_DATA, "bare CR or LF in content")
                 return
-            content = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            content = text.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if flags & CONTENT_LEADING_DOT:
             # RFC 5321 §4.5.2: remove the leading dot of every line that has one
             # (the first line by hand: a CRLF put in front would copy the content twice).
-            content = content.replace(b"\r\n.", b"\r\n")
-            if content[:1] == b".":
-                content = content[1:]
+            text = bytes(content).replace(b"\r\n.", b"\r\n")
+            content = text[1:] if text[:1] == b"." else text
             self.dot_lines = True
         if flags & CONTENT_8BIT:
             self.body_8bit = True
@@ -940,7 +945,7 @@ class SmtpSession(asyncio.Protocol):
         self.state = State.READY
         self.transport.write(reply)
 
-    def _queue(self, content: bytes) -> None:
+    def _queue(self, content: bytes | memoryview) -> None:
         """End of DATA: count the quota, write the spool, answer when durable.
 
         With the local quota everything up to the spool write is synchronous
@@ -971,7 +976,7 @@ class SmtpSession(asyncio.Protocol):
             self.state = State.READY
         self._resume(reply)
 
-    async def _queue_after_remote_quota(self, content: bytes) -> bytes:
+    async def _queue_after_remote_quota(self, content: bytes | memoryview) -> bytes:
         quota, txn = self.server.quota, self.quota_txn
         assert quota is not None and txn is not None
         refusal = await quota.reserve(txn)
@@ -983,7 +988,7 @@ class SmtpSession(asyncio.Protocol):
         await asyncio.wait([future])
         return self._spooled(envelope, len(header) + len(content), future)
 
-    def _envelope(self, content: bytes) -> tuple[Envelope, bytes]:
+    def _envelope(self, content: bytes | memoryview) -> tuple[Envelope, bytes]:
         decision = self.decision
         assert decision is not None
         queue_id = self.server.queue_ids.next()
@@ -1099,10 +1104,13 @@ def _b64decode(text: str) -> bytes | None:
         return None
 
 
-def _hop_count(content: bytes) -> int:
+def _hop_count(content: bytes | memoryview) -> int:
     """Received: headers in the header section (RFC 5321 §6.3 loop detection)."""
-    end = content.find(b"\r\n\r\n")
-    head = content[:end if end >= 0 else 65536].lower()
+    # A view is always of the start of a read (see _feed_data): search its bytes.
+    data, size = (content.obj, len(content)) if isinstance(content, memoryview) else (content, len(content))
+    assert isinstance(data, bytes)
+    end = data.find(b"\r\n\r\n", 0, size)
+    head = data[:end if end >= 0 else min(size, 65536)].lower()
     return head.count(b"\r\nreceived:") + head.startswith(b"received:")
 
 
