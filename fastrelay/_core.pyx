@@ -1327,6 +1327,13 @@ def find_end_of_data(bytes data, Py_ssize_t start=0):
 # one pass.  No library fits: pyahocorasick reads every byte.
 
 cdef int _LITERAL_SET_MAX = 32           # needles per set (a bit each in the result)
+cdef Py_ssize_t _PREFETCH_AHEAD = 2048   # bytes: about thirty steps of a long needle's shift
+
+cdef extern from *:
+    """
+    #define _fastrelay_prefetch(p) __builtin_prefetch((const void *)(p))
+    """
+    void _prefetch "_fastrelay_prefetch"(const void *p) noexcept nogil
 
 
 @cython.final
@@ -1379,6 +1386,12 @@ cdef class LiteralSet:
         cdef uint8_t shift
         with nogil:
             while end < n:
+                # Each step's address depends on the last step's load: on a body
+                # that is not in the cache every step waited for memory.  Asking
+                # for the lines 2 KiB ahead keeps them coming (21 -> 9 µs on a
+                # cold 100 KiB body, as fast as a cached one; 512 bytes ahead
+                # was too close to help); a prefetch past the end is harmless.
+                _prefetch(p + end + _PREFETCH_AHEAD)
                 shift = self._shift[(p[end - 1] << 8) | p[end]]
                 if shift:
                     end += shift
