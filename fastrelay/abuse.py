@@ -546,30 +546,39 @@ class AbuseDesk:
     def _builtin_result(self, signals: list[Signal], virus: str, envelope: Envelope,
                         track: SenderTrack | None) -> ScanResult:
         ab = self.settings
+        score = 0.0
+        for s in signals:
+            score += s.weight
+        new_recipients: tuple[int, int] | None = None
+        volume: tuple[int, float] | None = None
         if track is not None:
             now = time.time()
             n = len(envelope.recipients)
             if n >= ab.builtin_many_recipients:
                 new = sum(1 for r in envelope.recipients if not track.recipients.seen(_rcpt_key(r), now))
                 if new >= NEW_RECIPIENTS_SHARE * n:
-                    signals = [*signals, Signal("MANY_NEW_RECIPIENTS", W_NEW_RECIPIENTS,
-                                                f"{new} of {n} never written to before")]
+                    new_recipients = (new, n)
+                    score += W_NEW_RECIPIENTS
             recent = track.hourly.total(now) + 1
             if recent >= ab.builtin_volume_min:
                 history = min(BASELINE_SPAN, now - track.first_seen) - HOUR
                 before = track.baseline.total(now) - (recent - 1)
                 per_hour = before / (history / HOUR) if history >= HOUR else 0.0
                 if recent > ab.builtin_volume_factor * max(per_hour, 1.0):
-                    signals = [*signals, Signal("VOLUME_JUMP", W_VOLUME_JUMP,
-                                                f"{recent} messages in the last hour, baseline {per_hour:.1f}/h")]
-        score = 0.0
-        for s in signals:
-            score += s.weight
-        reasons = tuple([s.reason() for s in signals]) if signals else ()
-        if virus:
-            return ScanResult("builtin", VIRUS, score, ab.builtin_threshold, (virus, *reasons))
-        verdict = SPAM if score >= ab.builtin_threshold else CLEAN
-        return ScanResult("builtin", verdict, score, ab.builtin_threshold, reasons)
+                    volume = (recent, per_hour)
+                    score += W_VOLUME_JUMP
+        verdict = VIRUS if virus else SPAM if score >= ab.builtin_threshold else CLEAN
+        if verdict == CLEAN and not (log.isEnabledFor(INFO) or events.enabled()):
+            # A clean verdict's reasons are read only by its log line and event.
+            return ScanResult("builtin", CLEAN, score, ab.builtin_threshold)
+        if new_recipients is not None:
+            signals = [*signals, Signal("MANY_NEW_RECIPIENTS", W_NEW_RECIPIENTS,
+                                        f"{new_recipients[0]} of {new_recipients[1]} never written to before")]
+        if volume is not None:
+            signals = [*signals, Signal("VOLUME_JUMP", W_VOLUME_JUMP,
+                                        f"{volume[0]} messages in the last hour, baseline {volume[1]:.1f}/h")]
+        reasons = tuple([s.reason() for s in signals])
+        return ScanResult("builtin", verdict, score, ab.builtin_threshold, (virus, *reasons) if virus else reasons)
 
     async def _decide(self, envelope: Envelope, track: SenderTrack | None, facts: ContentFacts,
                       results: list[ScanResult], errors: list[str]) -> Verdict:
