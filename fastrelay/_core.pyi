@@ -1,7 +1,7 @@
 # Typing stub for the compiled module fastrelay._core (see _core.pyx).
 
 from collections.abc import Iterable
-from typing import TypeAlias, final
+from typing import Final, TypeAlias, final
 
 # (span, buckets, width, head_time, counts oldest first); head_time is None
 # for a window that was never used.
