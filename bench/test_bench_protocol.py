@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import sys
 import tempfile
 import textwrap
 from collections.abc import Iterator
@@ -41,6 +42,10 @@ from typing import Any
 
 import pytest
 import uvloop
+
+# The fuzz harness's transport (tests/ is not a package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from capture import CaptureTransport
 
 from fastrelay import replies
 from fastrelay.app import build_policy
@@ -75,36 +80,6 @@ QUEUED = re.compile(rb"250 2\.0\.0 Ok: queued as ([0-9A-F]+)\r\n\Z")
 
 MESSAGE_BYTES = 1024 * 1024
 READ_BYTES = 64 * 1024        # what one read of a busy socket typically hands over
-
-
-class CaptureTransport:
-    """In place of the socket: records writes; pause/resume as a transport does."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.closed = False
-        self.paused = False
-
-    def write(self, data: bytes) -> None:
-        assert not self.closed, "a write after close"
-        self.out += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    abort = close
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
 
 
 @dataclass

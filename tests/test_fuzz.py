@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from capture import CaptureTransport
 from conftest import split_received
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -88,36 +89,6 @@ def wire(reply: bytes) -> bytes:
 
 
 # --- the harness -------------------------------------------------------------------------------
-
-
-class CaptureTransport:
-    """Harness in place of the socket: records writes; pause/resume as a transport does."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.closed = False
-        self.paused = False
-
-    def write(self, data: bytes) -> None:
-        assert not self.closed, "a write after close"
-        self.out += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    abort = close
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
 
 
 @dataclass
