@@ -96,7 +96,7 @@ def parse_path_argument(arg: str, keyword: str, allow_null: bool) -> PathArgumen
     after = rest[end + 1:]
     if after and not after.startswith(" "):
         return bad
-    params: dict[str, str] = {}
+    params = {}
     for token in after.split():
         key, _, value = token.partition("=")
         params[key.upper()] = value

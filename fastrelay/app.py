@@ -163,7 +163,7 @@ class Relay:
         self.control.close()
         if self.quota_journal is not None:
             await self.quota_journal.close()
-        else:
+        elif not isinstance(self.quota, QuotaBook):
             await self.quota.close()
         self.spool.close()
         log.info("shutdown: done")

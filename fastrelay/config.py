@@ -30,7 +30,7 @@ class Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
 # --- [server] ---------------------------------------------------------------
 
 
-class ServerConfig(Section):
+class ServerConfig(Section, frozen=True):
     hostname: str = "relay.example.test"
     listen: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:2525"])
     listen_tls: list[str] = msgspec.field(default_factory=list)
@@ -66,20 +66,20 @@ class ServerConfig(Section):
 # --- [[accounts]] -------------------------------------------------------------
 
 
-class IpRangeConfig(Section):
+class IpRangeConfig(Section, frozen=True):
     range: str
     description: str = ""
     enabled: bool = True
 
 
-class UserConfig(Section):
+class UserConfig(Section, frozen=True):
     address: str
     passwords: list[str] = msgspec.field(default_factory=list)
     mail_license: bool = True
     suspended: bool = False
 
 
-class RuleConfig(Section):
+class RuleConfig(Section, frozen=True):
     name: str
     allowed_senders: Literal["registered_users", "my_domains", "any"]
     only_allowed_ips: bool = False
@@ -91,7 +91,7 @@ class RuleConfig(Section):
     allow_unqualified_helo: bool = False
 
 
-class AccountConfig(Section):
+class AccountConfig(Section, frozen=True):
     name: str
     domains: list[str]
     status: Literal["active", "trial", "unpaid"] = "active"
@@ -101,14 +101,14 @@ class AccountConfig(Section):
     rules: list[RuleConfig] = msgspec.field(default_factory=list)
 
 
-class UsersFile(Section):
+class UsersFile(Section, frozen=True):
     users: list[UserConfig] = msgspec.field(default_factory=list)
 
 
 # --- [limits] and [quota] -------------------------------------------------------
 
 
-class LimitSet(Section):
+class LimitSet(Section, frozen=True):
     recipients_per_transaction: int = 100
     user_messages_per_day: int = 10_000
     user_unique_recipients_per_day: int = 10_000
@@ -132,7 +132,7 @@ UNPAID_LIMITS = LimitSet(
 )
 
 
-class LimitsConfig(Section):
+class LimitsConfig(Section, frozen=True):
     active: LimitSet = msgspec.field(default_factory=LimitSet)
     trial: LimitSet = msgspec.field(default_factory=lambda: TRIAL_LIMITS)
     unpaid: LimitSet = msgspec.field(default_factory=lambda: UNPAID_LIMITS)
@@ -140,7 +140,7 @@ class LimitsConfig(Section):
     daily_limits_temporary: bool = False
 
 
-class QuotaConfig(Section):
+class QuotaConfig(Section, frozen=True):
     backend: Literal["local", "redis"] = "local"
     state_dir: str = "var/quota"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -162,7 +162,7 @@ class QuotaConfig(Section):
 TlsPolicy = Literal["none", "opportunistic", "required", "verify"]
 
 
-class RouteConfig(Section):
+class RouteConfig(Section, frozen=True):
     domain: str
     host: str
     tls: TlsPolicy | None = None        # None: [delivery] tls
@@ -170,7 +170,7 @@ class RouteConfig(Section):
     password: str = ""
 
 
-class DeliveryConfig(Section):
+class DeliveryConfig(Section, frozen=True):
     enabled: bool = True
     # The outbound TLS policy (smtp_client.py) of MX delivery and of routes that set none.
     tls: TlsPolicy = "opportunistic"
@@ -191,7 +191,7 @@ class DeliveryConfig(Section):
     ca_file: str = ""
 
 
-class LoggingConfig(Section):
+class LoggingConfig(Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     file: str = ""
     # JSON Lines event log (fastrelay/events.py); "" = off.
@@ -201,7 +201,7 @@ class LoggingConfig(Section):
 # --- [archive] and [metrics] (docs/archive.md, docs/operations.md) ------------------
 
 
-class ArchiveConfig(Section):
+class ArchiveConfig(Section, frozen=True):
     enabled: bool = False
     dir: str = "var/archive"
     retention_days: int = 365
@@ -211,7 +211,7 @@ class ArchiveConfig(Section):
     accounts: list[str] = msgspec.field(default_factory=list)
 
 
-class MetricsConfig(Section):
+class MetricsConfig(Section, frozen=True):
     # Prometheus endpoint, e.g. "127.0.0.1:9154"; "" = off.
     listen: str = ""
 
@@ -219,7 +219,7 @@ class MetricsConfig(Section):
 # --- [abuse] (docs/abuse.md) ----------------------------------------------------------
 
 
-class AbuseConfig(Section):
+class AbuseConfig(Section, frozen=True):
     # Content scanning before delivery (builtin heuristics and/or daemons),
     # per-sender spam thresholds, alerts to super admins, suspensions.
     enabled: bool = True
@@ -247,7 +247,7 @@ class AbuseConfig(Section):
     state_dir: str = "var/abuse"
 
 
-class Config(Section):
+class Config(Section, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     accounts: list[AccountConfig] = msgspec.field(default_factory=list)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
@@ -463,27 +463,27 @@ def validate(config: Config) -> None:
             if getattr(limits, field) < 1:
                 fail(f"limits.{status}.{field}", "must be at least 1")
 
-    d = config.delivery
-    for key, value in (("delivery.max_queue_lifetime", d.max_queue_lifetime),
-                       ("delivery.delay_warning", d.delay_warning)):
+    delivery = config.delivery
+    for key, value in (("delivery.max_queue_lifetime", delivery.max_queue_lifetime),
+                       ("delivery.delay_warning", delivery.delay_warning)):
         try:
             parse_duration(value)
         except ValueError as exc:
             fail(key, str(exc))
-    for i, v in enumerate(d.retry_schedule):
+    for i, delay in enumerate(delivery.retry_schedule):
         try:
-            parse_duration(v)
+            parse_duration(delay)
         except ValueError as exc:
             fail(f"delivery.retry_schedule[{i}]", str(exc))
-    for i, ns in enumerate(d.nameservers):
+    for i, ns in enumerate(delivery.nameservers):
         try:
             host, _ = parse_hostport(ns, 53)
             ipaddress.ip_address(host)
         except ValueError as exc:
             fail(f"delivery.nameservers[{i}]", str(exc))
-    for i, route in enumerate(d.routes):
+    for i, route in enumerate(delivery.routes):
         try:
-            parse_hostport(route.host, d.mx_port)
+            parse_hostport(route.host, delivery.mx_port)
         except ValueError as exc:
             fail(f"delivery.routes[{i}].host", str(exc))
         if route.domain != "*" and not is_hostname(route.domain.lstrip(".")):

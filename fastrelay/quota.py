@@ -56,7 +56,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import msgspec
 
@@ -145,8 +145,6 @@ class QuotaBook:
     Every call is synchronous and O(1) in history and user count; the Redis
     backend (``RedisQuotaBook``) has the same interface but returns awaitables.
     """
-
-    is_async = False
 
     def __init__(self, config: Config, clock: LogicalClock | None = None) -> None:
         self.clock = clock or LogicalClock()
@@ -543,7 +541,14 @@ def _read_events(path: Path) -> list[QuotaEvent]:
     return events
 
 
-def make_quota_book(config: Config) -> QuotaBook | Any:
+if TYPE_CHECKING:
+    from .quota_redis import RedisQuotaBook
+
+# The two backends: the local book answers at once, the Redis one's checks are awaited.
+QuotaBackend: TypeAlias = "QuotaBook | RedisQuotaBook"
+
+
+def make_quota_book(config: Config) -> QuotaBackend:
     """The backend named by [quota] backend."""
     if config.quota.backend == "redis":
         from .quota_redis import RedisQuotaBook

@@ -155,8 +155,6 @@ _LIMITS = ("", "org_recipients_per_10min", "org_recipients_per_day",
 
 
 class RedisQuotaBook:
-    is_async = True
-
     def __init__(self, config: Config) -> None:
         q = config.quota
         self.prefix = q.redis_key_prefix

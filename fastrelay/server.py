@@ -57,10 +57,12 @@ from .policy import (
     is_valid_helo,
     normalize_address,
 )
+from .quota import QuotaBook
 from .spool import Envelope, Location, QueueIdGenerator, Spool
 
 if TYPE_CHECKING:
-    from .quota import QuotaBook, QuotaTxn
+    from .quota import QuotaBackend, QuotaTxn
+    from .quota_redis import RedisQuotaBook
 
 log = MailLog("fastrelay.smtpd")
 
@@ -137,7 +139,7 @@ class SmtpServer:
         config: Config,
         policy: RelayPolicy,
         spool: Spool,
-        quota: QuotaBook | None = None,
+        quota: QuotaBackend | None = None,
         tls_context: ssl.SSLContext | None = None,
         on_queued: Callable[[Envelope, Location], None] | None = None,
     ) -> None:
@@ -159,7 +161,7 @@ class SmtpServer:
         self.passwords = PasswordVerifier()   # one argon2 pool for the process, across reloads
         self.apply(config, policy, quota)
 
-    def apply(self, config: Config, policy: RelayPolicy, quota: QuotaBook | None) -> None:
+    def apply(self, config: Config, policy: RelayPolicy, quota: QuotaBackend | None) -> None:
         """Install a (re)loaded config; open sessions pick it up at their next transaction."""
         self.config = config
         self.cfg = config.server
@@ -324,7 +326,7 @@ class SmtpSession(asyncio.Protocol):
 
     # -- connection life ---------------------------------------------------------
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.client_ip = normalize_ip(peer[0]) if peer else "unknown"
@@ -712,7 +714,8 @@ class SmtpSession(asyncio.Protocol):
             return replies.ARGS_NOT_ALLOWED
         if self.tls:
             return replies.ALREADY_TLS
-        if self.server.tls_context is None:
+        context = self.server.tls_context
+        if context is None:
             return replies.NOT_IMPLEMENTED
         if self.state == State.GREETED:
             return replies.NEED_HELO
@@ -720,16 +723,16 @@ class SmtpSession(asyncio.Protocol):
         self.buffer = b""
         self.tls_pending = True
         self.busy = True
-        asyncio.ensure_future(self._start_tls())
+        asyncio.ensure_future(self._start_tls(context))
         # Returned, not written: replies pipelined before STARTTLS go out first.
         # The handshake starts after this read's replies are written.
         return replies.READY_TLS
 
-    async def _start_tls(self) -> None:
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
         loop = self.server.loop
         try:
             transport = await loop.start_tls(
-                self.transport, self, self.server.tls_context, server_side=True,
+                self.transport, self, context, server_side=True,
                 ssl_handshake_timeout=self.cfg.tls_handshake_timeout,
             )
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
@@ -953,8 +956,8 @@ class SmtpSession(asyncio.Protocol):
         message.  A remote quota (Redis) needs a coroutine."""
         quota, txn = self.server.quota, self.quota_txn
         if quota is not None and txn is not None:
-            if quota.is_async:
-                self._defer(self._queue_after_remote_quota(content))
+            if not isinstance(quota, QuotaBook):
+                self._defer(self._queue_after_remote_quota(quota, txn, content))
                 return
             refusal = quota.reserve(txn)
             if refusal is not None:
@@ -976,9 +979,8 @@ class SmtpSession(asyncio.Protocol):
             self.state = State.READY
         self._resume(reply)
 
-    async def _queue_after_remote_quota(self, content: bytes | memoryview) -> bytes:
-        quota, txn = self.server.quota, self.quota_txn
-        assert quota is not None and txn is not None
+    async def _queue_after_remote_quota(self, quota: RedisQuotaBook, txn: QuotaTxn,
+                                        content: bytes | memoryview) -> bytes:
         refusal = await quota.reserve(txn)
         if refusal is not None:
             self._finish_transaction(refusal, "quota: " + refusal.decode(errors="replace").strip())

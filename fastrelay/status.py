@@ -13,6 +13,8 @@ import time
 from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
+from .quota import QuotaBook
+
 if TYPE_CHECKING:
     from .app import Relay
 
@@ -58,13 +60,13 @@ class StatusReporter:
         now = time.time()
         oldest = min((e.envelope.arrival for e in delivery.entries.values()), default=now)
         top: list[dict[str, Any]] = []
-        users = getattr(relay.quota, "users", None)
-        if users is not None:
-            usage = sorted(((relay.quota.usage(u), u) for u in list(users)), reverse=True)[:5]
+        quota = relay.quota
+        if isinstance(quota, QuotaBook):  # the Redis backend keeps no users here
+            usage = sorted(((quota.usage(u), u) for u in list(quota.users)), reverse=True)[:5]
             for (messages, unique), user in usage:
                 found = server.policy.directory.user(user)
                 account = found[0] if found else None
-                limits = relay.quota.limits_for(account)
+                limits = quota.limits_for(account)
                 top.append({"user": user, "messages": messages, "messages_limit": limits.user_messages_per_day,
                             "unique_recipients": unique,
                             "unique_limit": limits.user_unique_recipients_per_day})
