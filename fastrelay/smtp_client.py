@@ -405,7 +405,7 @@ class OutboundConnection:
                 ssl_handshake_timeout=settings.command_timeout,
             )
         except (ssl.SSLError, ssl.CertificateError, OSError, TimeoutError, ConnectionError) as exc:
-            raise HopError(f"TLS handshake with {hop} failed: {exc}", "4.7.5", tls_failed=True) from None
+            raise HopError(f"TLS handshake with {hop} failed: {_reason(exc)}", "4.7.5", tls_failed=True) from None
         if transport is None:
             raise HopError(f"TLS handshake with {hop} failed: connection closed", "4.7.5", tls_failed=True)
         self.reader.transport = transport
@@ -623,6 +623,24 @@ class OutboundConnection:
         if transport is not None:
             transport.abort()
         self.reader.closed = True
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as the text of a log line and a queue's last error.
+
+    A server that drops the connection in the middle of the TLS handshake
+    (aiosmtpd does so on "no shared cipher") surfaces as a bare
+    ConnectionResetError(), whose str() is empty: the log said "failed: "
+    and nothing more.
+    """
+    text = str(exc)
+    if text:
+        return text
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by peer"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return type(exc).__name__
 
 
 def _temporary(dsn: str) -> str:
