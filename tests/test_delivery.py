@@ -13,6 +13,7 @@ import email.policy
 import json
 import re
 import smtplib
+import ssl
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from conftest import Certs, RelayProcess, free_port
 from dns_server import TestDns
 from sink import Sink
@@ -39,7 +41,7 @@ retry_schedule = {retry}
 max_queue_lifetime = "{lifetime}"
 connect_timeout = 2
 command_timeout = {command_timeout}
-connection_idle_time = 3
+connection_idle_time = {idle_time}
 per_destination_concurrency = {per_destination}
 """
 
@@ -68,9 +70,11 @@ class World:
         return self.sink("127.0.0.9", **behaviour)
 
     def start(self, *, retry: str = '["1s", "1s", "2s"]', lifetime: str = "5d", command_timeout: float = 5,
-              per_destination: int = 10, routes: str = "", extra: str = "", events: bool = False) -> RelayProcess:
+              per_destination: int = 10, idle_time: float = 3, routes: str = "", extra: str = "",
+              events: bool = False) -> RelayProcess:
         config = DELIVERY.format(dns=self.dns.address, mx_port=self.mx_port, retry=retry, lifetime=lifetime,
-                                 command_timeout=command_timeout, per_destination=per_destination)
+                                 command_timeout=command_timeout, per_destination=per_destination,
+                                 idle_time=idle_time)
         self.relay = self.factory(extra=config + extra + routes, start=not events)
         if events:   # the event log, in the relay's directory
             path = self.relay.config_path
@@ -157,6 +161,38 @@ def dsn_parts(content: bytes) -> tuple[str, list[Message], str]:
 def cli(relay: RelayProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fastrelay", "queue", *args, "--config", str(relay.config_path)],
                           capture_output=True, text=True, timeout=30, check=False)
+
+
+def sink_tls(certs: Certs, leaf: trustme.LeafCert | None = None) -> ssl.SSLContext:
+    """A sink's STARTTLS context: the tests' certificate (127.0.0.1, localhost) or ``leaf``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if leaf is None:
+        ctx.load_cert_chain(certs.cert, certs.key)
+    else:
+        leaf.configure_cert(ctx)
+    return ctx
+
+
+def failing_tls(certs: Certs) -> ssl.SSLContext:
+    """A STARTTLS whose handshake no ordinary client completes: TLS 1.2 at most, PSK cipher
+    suites only and no PSK, so the server answers the ClientHello with "no shared cipher"."""
+    ctx = sink_tls(certs)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("PSK")
+    return ctx
+
+
+def log_line(log: str, *parts: str) -> str:
+    """The one log line that contains every part."""
+    lines = [ln for ln in log.splitlines() if all(p in ln for p in parts)]
+    assert len(lines) == 1, (parts, lines, log[-3000:])
+    return lines[0]
+
+
+def per_connection(sink: Sink) -> list[list[str]]:
+    """The verbs the sink read, one list per connection, in the order the connections came."""
+    peers = [c.peer for c in sink.connections]
+    return [[c.verb for c in sink.commands if c.peer == peer] for peer in peers]
 
 
 # --- routing ------------------------------------------------------------------------
@@ -551,6 +587,113 @@ def test_the_global_tls_policy_applies_to_mx_delivery_and_routes_without_their_o
     assert "status=deferred (TLS is required, but was not offered by host dest.test" in log
     assert "status=deferred (TLS is required, but was not offered by host 127.0.0.3" in log
     assert inherits.messages == [] and world.sinks[0].messages == []
+
+
+def test_tls_verify_and_required_defer_on_a_failed_handshake_and_never_send_in_plaintext(
+        world: World, certs: Certs) -> None:
+    """A certificate from an unknown CA, or one that does not name the host, fails "verify";
+    a handshake that fails fails "required".  Each is deferred (4.7.5, as docs/delivery.md
+    says) with the reason in the log and the queue, after one connection: no plaintext retry,
+    no MAIL.  The same policy to a hop whose certificate is good delivers."""
+    good = world.sink("127.0.0.1", free_port(), tls_context=sink_tls(certs))
+    untrusted = world.sink("127.0.0.2", free_port(),
+                           tls_context=sink_tls(certs, trustme.CA().issue_cert("127.0.0.2")))
+    misnamed = world.sink("127.0.0.3", free_port(),
+                          tls_context=sink_tls(certs, certs.ca.issue_cert("elsewhere.example.test")))
+    failing = world.sink("127.0.0.4", free_port(), tls_context=failing_tls(certs))
+    routes = (route("good.test", f"127.0.0.1:{good.port}", tls="verify")
+              + route("untrusted.test", f"127.0.0.2:{untrusted.port}", tls="verify")
+              + route("misnamed.test", f"127.0.0.3:{misnamed.port}", tls="verify")
+              + route("failing.test", f"127.0.0.4:{failing.port}", tls="required"))
+    relay = world.start(routes=routes, retry='["1h"]', extra=f'ca_file = "{certs.ca_file}"\n')
+    qid = send(relay, ["a@good.test", "b@untrusted.test", "c@misnamed.test", "d@failing.test"])
+    [message] = good.wait(1)
+    assert message.tls and message.rcpt_tos == ["a@good.test"]
+    log = relay.wait_log(f"{qid}: deferred")
+    for rcpt, sink, why in (("b@untrusted.test", untrusted, r"\[SSL: CERTIFICATE_VERIFY_FAILED\] .+"),
+                            ("c@misnamed.test", misnamed, r"\[SSL: CERTIFICATE_VERIFY_FAILED\] .+ mismatch.*"),
+                            ("d@failing.test", failing, r".*\w.*")):   # the reason, never empty
+        line = log_line(log, f"{qid}: to=<{rcpt}>")
+        assert re.search(r"relay=none, delay=[\d.]+, dsn=4\.7\.5, status=deferred \(TLS handshake with "
+                         rf"{re.escape(f'{sink.host}[{sink.host}]:{sink.port}')} failed: {why}\)$", line), line
+        assert sink.messages == []
+        assert per_connection(sink) == [["EHLO", "STARTTLS"]], per_connection(sink)
+    assert "trying again in plaintext" not in log
+    state = queue_states(relay)[qid]
+    assert state.state == MessageState.DEFERRED and state.done_recipients == [0]
+    assert state.last_error.startswith("TLS handshake with 127.0.0.") and " failed: " in state.last_error
+
+
+def test_opportunistic_starttls_encrypts_when_offered_and_falls_back_to_plaintext_when_it_fails(
+        world: World, certs: Certs) -> None:
+    """No tls key anywhere (MX delivery): STARTTLS to a hop that offers it, and everything
+    after it inside TLS.  A route that says "opportunistic" to a hop whose handshake fails:
+    one more connection, in plaintext, as Postfix's "may" level does (docs/delivery.md)."""
+    world.zone.a("dest.test", "127.0.0.2")
+    offers = world.sink("127.0.0.2", tls_context=sink_tls(certs))
+    failing = world.sink("127.0.0.3", free_port(), tls_context=failing_tls(certs))
+    routes = route("failing.test", f"127.0.0.3:{failing.port}", tls="opportunistic")
+    relay = world.start(routes=routes)
+    qid = send(relay, ["a@dest.test", "b@failing.test"])
+    [encrypted] = offers.wait(1)
+    assert encrypted.tls and encrypted.rcpt_tos == ["a@dest.test"]
+    [after_ehlo, *rest] = [c for c in offers.commands if c.verb != "EHLO"]
+    assert after_ehlo.verb == "STARTTLS" and not after_ehlo.tls
+    assert {c.verb for c in rest} >= {"MAIL", "RCPT", "DATA"} and all(c.tls for c in rest)
+    [plain] = failing.wait(1)
+    assert not plain.tls and plain.rcpt_tos == ["b@failing.test"]
+    first, second = per_connection(failing)
+    assert first == ["EHLO", "STARTTLS"]
+    assert "STARTTLS" not in second and "DATA" in second
+    log = relay.wait_log(f"{qid}: removed")
+    assert (f"TLS handshake with 127.0.0.3[127.0.0.3]:{failing.port} failed: " in log
+            and "; trying again in plaintext" in log)
+    assert "status=deferred" not in log
+
+
+def test_auth_login_with_the_routes_credentials_a_refused_login_defers_and_never_in_plaintext(
+        world: World, certs: Certs) -> None:
+    """A hop offering only AUTH LOGIN gets the route's credentials (inside STARTTLS).  Wrong
+    credentials: 535, deferred (docs/delivery.md: a config mistake should not bounce mail).
+    A hop that offers AUTH without STARTTLS, or whose handshake fails (so the opportunistic
+    retry is in plaintext), never sees an AUTH command: the mail is deferred instead."""
+    creds = {"credentials": ("relayuser", "s3cret"), "auth_exclude": ["PLAIN"]}
+    login = world.sink("127.0.0.2", free_port(), tls_context=sink_tls(certs), **creds)
+    wrong = world.sink("127.0.0.3", free_port(), tls_context=sink_tls(certs), **creds)
+    plain = world.sink("127.0.0.4", free_port(), auth_require_tls=False, **creds)   # AUTH LOGIN offered in clear
+    failing = world.sink("127.0.0.5", free_port(), tls_context=failing_tls(certs), auth_require_tls=False,
+                         **creds)
+    user = {"username": "relayuser", "password": "s3cret"}
+    routes = (route("login.test", f"127.0.0.2:{login.port}", **user)
+              + route("wrong.test", f"127.0.0.3:{wrong.port}", username="relayuser", password="guess")
+              + route("plain.test", f"127.0.0.4:{plain.port}", **user)
+              + route("failing.test", f"127.0.0.5:{failing.port}", **user))
+    relay = world.start(routes=routes, retry='["1h"]')
+    qid = send(relay, ["a@login.test", "c@plain.test", "d@failing.test"])
+    refused = send(relay, ["b@wrong.test"])
+    [message] = login.wait(1)
+    assert message.tls and message.auth_user == "relayuser" and message.rcpt_tos == ["a@login.test"]
+    [auth] = [c for c in login.commands if c.verb == "AUTH"]
+    assert auth.arg == "LOGIN" and auth.tls
+    log = relay.wait_log(f"{refused}: deferred")
+    said = f"SASL authentication failed; server 127.0.0.3[127.0.0.3]:{wrong.port} said: 535 5.7.8 " \
+           "Authentication credentials invalid"
+    assert f"dsn=4.7.8, status=deferred ({said})" in log_line(log, f"{refused}: to=<b@wrong.test>")
+    assert [c.arg for c in wrong.commands if c.verb == "AUTH"] == ["LOGIN"]
+    assert "MAIL" not in wrong.verbs()
+    assert queue_states(relay)[refused].last_error == said
+    log = relay.wait_log(f"{qid}: deferred")
+    for rcpt, sink in (("c@plain.test", plain), ("d@failing.test", failing)):
+        line = log_line(log, f"{qid}: to=<{rcpt}>")
+        assert (f"dsn=4.7.0, status=deferred (not sending credentials to {sink.host}[{sink.host}]:{sink.port} "
+                "in plaintext (no TLS))") in line
+        assert "AUTH" not in sink.verbs() and "MAIL" not in sink.verbs(), sink.verbs()
+    assert ["EHLO", "STARTTLS"] in per_connection(failing)   # it did try TLS first
+    assert queue_states(relay)[qid].done_recipients == [0]
+    # The plaintext hop did offer AUTH LOGIN in the clear: the relay chose not to use it.
+    with smtplib.SMTP(plain.host, plain.port, timeout=5) as probe:
+        probe.ehlo("probe.test")
+        assert probe.has_extn("auth") and probe.esmtp_features["auth"].strip() == "LOGIN"
 
 
 # --- end to end ------------------------------------------------------------------------------
