@@ -474,6 +474,54 @@ def test_a_message_that_needs_smtputf8_bounces_at_a_hop_without_it(world: World)
     assert sink.messages == []
 
 
+def test_8bit_content_bounces_5_6_3_at_a_next_hop_without_8bitmime_and_7bit_mail_still_goes(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    sink = world.sink("127.0.0.2", decode_data=True)    # aiosmtpd then does not advertise 8BITMIME
+    sender_sink = world.sender_sink()
+    relay = world.start()
+    body = ("From: alice@example.com\r\nTo: bob@dest.test\r\nSubject: eight bits\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\ncaf\u00e9\r\n").encode()
+    eight = send(relay, ["bob@dest.test"], body=body, mail_options=("BODY=8BITMIME",))
+    [dsn] = sender_sink.wait(1)
+    assert dsn.mail_from == "" and dsn.rcpt_tos == [SENDER]
+    text, blocks, headers = dsn_parts(dsn.content)
+    [rcpt] = blocks[1:]
+    assert rcpt["Final-Recipient"] == "rfc822; bob@dest.test" and rcpt["Status"] == "5.6.3"
+    assert "does not support 8BITMIME" in text and "Subject: eight bits" in headers
+    log = relay.wait_log(f"{eight}: removed")
+    assert (f"dsn=5.6.3, status=bounced (host dest.test[127.0.0.2]:{world.mx_port} does not support 8BITMIME "
+            "and the message has 8-bit content (conversion required but not supported))"
+            ) in log_line(log, f"{eight}: to=<bob@dest.test>")
+    seven = send(relay, ["carol@dest.test"])           # the hop itself works: 7-bit mail goes
+    [message] = sink.wait(1)
+    assert message.rcpt_tos == ["carol@dest.test"] and "BODY=8BITMIME" not in message.mail_options
+    relay.wait_log(f"{seven}: removed")
+    assert sink.verbs().count("MAIL") == 1             # the 8-bit message never got as far as MAIL
+
+
+def test_a_message_over_the_next_hops_size_limit_bounces_5_3_4_without_mail_or_data(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    sink = world.sink("127.0.0.2", data_size_limit=2000)   # EHLO says SIZE 2000
+    sender_sink = world.sender_sink()
+    relay = world.start()
+    body = b"From: alice@example.com\r\nSubject: too big\r\n\r\n" + (b"x" * 78 + b"\r\n") * 40
+    big = send(relay, ["bob@dest.test"], body=body)
+    [dsn] = sender_sink.wait(1)
+    _, blocks, headers = dsn_parts(dsn.content)
+    assert blocks[1]["Status"] == "5.3.4" and "Subject: too big" in headers
+    log = relay.wait_log(f"{big}: removed")
+    line = log_line(log, f"{big}: to=<bob@dest.test>")
+    assert re.search(r"dsn=5\.3\.4, status=bounced \(message size (\d+) exceeds size limit 2000 of server "
+                     rf"dest\.test\[127\.0\.0\.2\]:{world.mx_port}\)", line), line
+    assert "MAIL" not in sink.verbs() and "DATA" not in sink.verbs()
+    small = send(relay, ["carol@dest.test"])
+    [message] = sink.wait(1)
+    assert message.rcpt_tos == ["carol@dest.test"]
+    assert any(o.startswith("SIZE=") for o in message.mail_options)
+    relay.wait_log(f"{small}: removed")
+    assert sink.verbs().count("DATA") == 1
+
+
 # --- restart ------------------------------------------------------------------------------
 
 
@@ -545,6 +593,38 @@ def test_a_cached_connection_the_next_hop_closed_is_replaced_without_a_deferral(
     assert second.rcpt_tos == ["second@dest.test"] and second.peer != first.peer
     relay.wait_log(f"{qid}: removed")
     assert "status=deferred" not in relay.log()
+
+
+def test_per_destination_concurrency_caps_the_connections_to_a_slow_next_hop(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    sink = world.sink("127.0.0.2", stall=0.2)     # every final dot answered 0.2 s late
+    relay = world.start(per_destination=2)
+    ids = [send(relay, [f"r{i}@dest.test"]) for i in range(20)]
+    messages = sink.wait(20, timeout=30)
+    assert sorted(r for m in messages for r in m.rcpt_tos) == sorted(f"r{i}@dest.test" for i in range(20))
+    assert sink.max_open_connections == 2, sink.connections   # the limit was reached, never passed
+    log = relay.wait_log(f"{ids[-1]}: removed")
+    assert all(f"{qid}: removed" in log for qid in ids)
+    assert "status=deferred" not in log
+    wait_drained(relay)
+
+
+def test_an_idle_cached_connection_is_closed_with_quit_after_the_idle_time(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    sink = world.sink("127.0.0.2")                # keeps idle sessions open for 300 s itself
+    relay = world.start(idle_time=1)
+    qid = send(relay, ["bob@dest.test"])
+    [message] = sink.wait(1)
+    relay.wait_log(f"{qid}: removed")
+    [connection] = sink.connections
+    wait_until(lambda: connection.closed is not None, 10, "the relay to close its idle connection")
+    assert connection.closed is not None
+    data = max(c.at for c in sink.commands if c.verb == "DATA")
+    quits = [c for c in sink.commands if c.verb == "QUIT"]
+    assert [c.peer for c in quits] == [message.peer] == [connection.peer]
+    # Cached for the idle time after the transaction, then closed with QUIT: not at once, not later.
+    assert 0.9 <= quits[0].at - data <= 3.0, quits[0].at - data
+    assert connection.closed - quits[0].at < 1.0
 
 
 def test_starttls_verified_with_auth_and_required_tls_without_starttls_defers(world: World, certs: Certs) -> None:
