@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import itertools
 import json
 import re
 import smtplib
@@ -424,6 +425,32 @@ def test_connection_refused_defers_and_expiry_bounces(world: World) -> None:
     assert "Connection refused" in blocks[1]["Diagnostic-Code"]
     log = relay.wait_log(f"{qid}: removed")
     assert f"{qid}: from=<{SENDER}>, status=expired, returned to sender" in log
+
+
+def test_retry_delays_follow_the_schedule_grow_and_the_last_one_repeats(world: World) -> None:
+    """The delay after attempt n is retry_schedule[n-1], the last entry once the schedule runs
+    out: as logged, and as the next hop saw the attempts come."""
+    world.zone.a("dest.test", "127.0.0.2")
+    sink = world.sink("127.0.0.2", rcpt_reply_for={"bob@dest.test": "451 4.2.0 Mailbox busy"})
+    relay = world.start(retry='["0.3s", "0.6s", "1.2s"]')
+    qid = send(relay, ["bob@dest.test"])
+    log = relay.wait_log(f"{qid}: deferred: 1 recipient(s) pending after attempt 5;", timeout=20)
+    logged = re.findall(rf"{qid}: deferred: 1 recipient\(s\) pending after attempt (\d+); next attempt in ([\d.]+) s",
+                        log)
+    assert logged[:5] == [("1", "0.30"), ("2", "0.60"), ("3", "1.20"), ("4", "1.20"), ("5", "1.20")]
+    rcpts = [c.at for c in sink.commands if c.verb == "RCPT"]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(rcpts[:5])]
+    for gap, delay in zip(gaps, [0.3, 0.6, 1.2, 1.2], strict=True):
+        assert delay <= gap < delay + 1.0, gaps
+    assert sink.messages == []
+
+
+def test_the_default_retry_schedule_starts_near_a_minute_and_grows() -> None:
+    from fastrelay.config import DeliveryConfig, parse_duration
+
+    delays = [parse_duration(d) for d in DeliveryConfig().retry_schedule]
+    assert delays[:4] == [60, 60, 180, 300]                      # 1, 1, 3, 5 minutes (issue 5)
+    assert all(a <= b for a, b in itertools.pairwise(delays)) and delays[-1] >= 3600
 
 
 def test_a_destination_that_cannot_be_reached_is_suspended_until_the_first_retry(world: World) -> None:
@@ -846,6 +873,29 @@ def test_cli_hold_release_delete_flush_on_the_running_relay(world: World) -> Non
     relay.stop()
     down = cli(relay, "flush")
     assert down.returncode == 1 and "not running" in down.stderr
+
+
+def test_queue_list_shows_a_deferred_messages_next_attempt_and_last_error(world: World) -> None:
+    world.zone.a("dest.test", "127.0.0.2")
+    world.sink("127.0.0.2", rcpt_reply_for={"bob@dest.test": "451 4.2.1 Mailbox full, try later"})
+    relay = world.start(retry='["1h"]')
+    qid = send(relay, ["bob@dest.test"])
+    relay.wait_log(f"{qid}: deferred")
+    wait_until(lambda: queue_states(relay).get(qid) is not None
+               and queue_states(relay)[qid].state == MessageState.DEFERRED, what="the deferred record")
+    error = "host dest.test[127.0.0.2] said: 451 4.2.1 Mailbox full, try later (in reply to RCPT TO command)"
+    for running in (True, False):    # it reads the spool: the same with the relay stopped
+        listing = cli(relay, "list")
+        assert listing.returncode == 0, listing.stderr
+        lines = listing.stdout.splitlines()
+        [at] = [i for i, line in enumerate(lines) if line.startswith(qid)]
+        assert re.fullmatch(rf"{qid} +deferred +\d+ +\d+s  <{SENDER}> -> bob@dest\.test", lines[at]), lines[at]
+        detail = re.fullmatch(r" +next attempt in (\d+)s; attempts: 1; last error: (.+)", lines[at + 1])
+        assert detail is not None, listing.stdout
+        assert 3500 < int(detail[1]) <= 3600 and detail[2] == error
+        assert lines[-1] == "-- 1 message(s)"
+        if running:
+            relay.stop()
 
 
 def test_control_socket_is_private_and_guards_the_spool(world: World) -> None:
