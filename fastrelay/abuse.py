@@ -906,14 +906,16 @@ class AbuseDesk:
             record = self.quarantine.get(qid)
             if record is None and quarantine_only:
                 raise LookupError(f"{qid} is not in quarantine")
-            if record is not None and record.verdict == VIRUS and not request.get("force"):
-                raise LookupError(f"{qid} is quarantined as a virus ({', '.join(record.reasons)}); "
-                                  f"`fastrelay quarantine release --force {qid}` releases it anyway")
+            if record is not None and record.verdict == VIRUS:
+                # Never delivered (issue 6), whatever the request says: no "force" is read.
+                log.warning("%s: release refused: quarantined as a virus", qid)
+                raise LookupError(f"{qid} is quarantined as a virus ({', '.join(record.reasons)}) and "
+                                  f"cannot be released; `fastrelay quarantine show {qid}` shows it, "
+                                  f"`fastrelay quarantine delete {qid}` removes it")
             message = self.delivery.release(qid)
             if record is not None:
                 del self.quarantine[qid]
-                log.warning("%s: released from quarantine (%s%s)", qid, record.verdict,
-                            ", forced" if record.verdict == VIRUS else "")
+                log.warning("%s: released from quarantine (%s)", qid, record.verdict)
                 await self.save()
             return {"ok": True, "message": message}
 
@@ -1023,8 +1025,6 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
     message: dict[str, Any] = {"cmd": f"quarantine_{args.quarantine_command}"}
     if getattr(args, "queue_id", None):
         message["queue_id"] = args.queue_id
-    if getattr(args, "force", False):
-        message["force"] = True
     answer = ask_running_relay(args.config, message)
     if answer is None:
         return 1
@@ -1117,13 +1117,11 @@ def add_commands(sub: Any) -> None:
     q.add_argument("--config", required=True)
     q.set_defaults(func=_cmd_quarantine)
     for name, text in (("show", "the message's headers and its verdict"),
-                       ("release", "deliver it (a virus needs --force)"),
+                       ("release", "deliver it (never a virus: show or delete that)"),
                        ("delete", "remove it without a bounce")):
         q = qsub.add_parser(name, help=text)
         q.add_argument("queue_id", metavar="QUEUEID")
         q.add_argument("--config", required=True)
-        if name == "release":
-            q.add_argument("--force", action="store_true", help="release even a virus")
         q.set_defaults(func=_cmd_quarantine)
 
     p = sub.add_parser("user", help="users suspended for sending spam")

@@ -30,6 +30,8 @@ from scanner_daemons import EICAR, GTUBE, Daemon, running, start_clamd, start_rs
 from sink import Sink, SinkMessage
 
 from fastrelay.config import load_config
+from fastrelay.control import request as control_request
+from fastrelay.control import socket_path
 from fastrelay.errors import ConfigError
 from fastrelay.scanners import content_signals
 from fastrelay.spool import Envelope, MessageState, Spool
@@ -410,15 +412,23 @@ def test_spam_burst_alerts_once_then_suspends_with_real_scanners(
     assert released.returncode == 0 and f"{alice[0]}: released" in released.stdout
     deleted = cli(relay, "quarantine", "delete", alice[1])
     assert deleted.returncode == 0 and f"{alice[1]}: removed" in deleted.stdout
+    # A virus is never delivered: it can be shown or deleted, not released, by any way in.
     refused = cli(relay, "quarantine", "release", virus)
-    assert refused.returncode == 1 and "quarantined as a virus (Fastrelay.Test.EICAR.UNOFFICIAL" in refused.stderr
-    assert cli(relay, "queue", "release", virus).returncode == 1      # no way around the guard
+    assert refused.returncode == 1, refused
+    assert "quarantined as a virus (Fastrelay.Test.EICAR.UNOFFICIAL" in refused.stderr
+    assert "cannot be released" in refused.stderr and f"quarantine delete {virus}" in refused.stderr
+    assert cli(relay, "queue", "release", virus).returncode == 1
     forced = cli(relay, "quarantine", "release", "--force", virus)
-    assert forced.returncode == 0, forced.stderr
-    wait_until(lambda: len(sink.messages) >= delivered_before + 2, "the two released messages")
-    released_contents = [m.content for m in sink.messages[delivered_before:]]
-    assert any(b"cheap offer 0" in c for c in released_contents) and any(EICAR[:20] in c or b"scan.pdf" in c
-                                                                        for c in released_contents)
+    assert forced.returncode != 0 and "unrecognized arguments: --force" in forced.stderr, forced
+    answer = control_request(socket_path(relay.spool_dir),
+                             {"cmd": "quarantine_release", "queue_id": virus, "force": True})
+    assert answer["ok"] is False and "cannot be released" in answer["error"], answer
+    shown = cli(relay, "quarantine", "show", virus)
+    assert shown.returncode == 0 and "X-Quarantine: virus by clamd" in shown.stdout, shown
+    relay.wait_log(f"{virus}: release refused: quarantined as a virus")
+    wait_until(lambda: len(sink.messages) >= delivered_before + 1, "the released message")
+    assert any(b"cheap offer 0" in m.content for m in sink.messages[delivered_before:])
+    assert states(relay)[virus] == MessageState.HOLD
     assert alice[1] not in states(relay)
     assert relay.log().count(f"{alice[0]}: scan: ") == 1   # released as is, not scanned again
 
@@ -440,7 +450,8 @@ def test_spam_burst_alerts_once_then_suspends_with_real_scanners(
     relay.start()
     assert mail_from(relay, "bob@example.com")[0] == 550
     listing = cli(relay, "quarantine", "list")
-    assert alice[3] in listing.stdout and "-- 5 message(s) in quarantine" in listing.stdout, listing.stdout
+    assert alice[3] in listing.stdout and f"{virus} virus" in " ".join(listing.stdout.split())
+    assert "-- 6 message(s) in quarantine" in listing.stdout, listing.stdout
     suspended = cli(relay, "user", "suspended")
     assert "alice@example.com" in suspended.stdout and "bob@example.com" in suspended.stdout
     unsuspended = cli(relay, "user", "unsuspend", "bob@example.com")
@@ -457,6 +468,8 @@ def test_spam_burst_alerts_once_then_suspends_with_real_scanners(
     relay.wait_log(f"{back}: removed")
     time.sleep(0.5)
     assert len(notices(sink)) == 6  # exactly one alert and one second notice per sender
+    assert not [m for m in sink.messages if b"scan.pdf.exe.zip" in m.content and m.mail_from == PRINTER]
+    assert states(relay)[virus] == MessageState.HOLD
 
 
 def test_a_sender_that_stops_is_not_suspended_and_a_new_crossing_alerts_again(
