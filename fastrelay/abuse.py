@@ -40,7 +40,8 @@ second notice.  Here, in the order a message meets it:
    under the threshold, or when the user is unsuspended; only then can a new
    crossing alert again.
 5. **State** (``<state_dir>/abuse-state.json``, written atomically):
-   suspensions, quarantine records, per-sender windows and incidents.  It
+   suspensions, quarantine records, per-sender windows, recipient histories
+   (the latest ``HISTORY_KEEP`` per sender) and incidents.  It
    survives restarts; ``fastrelay user unsuspend`` edits it when the relay is
    stopped and asks the relay over the control socket when it runs.
 
@@ -100,12 +101,15 @@ WINDOW_BUCKETS = 60                 # alert_window / 60 per bucket
 HOUR = 3600.0
 BASELINE_SPAN = 7 * 86400.0         # a sender's own volume baseline
 BASELINE_BUCKETS = 168
-HISTORY_SPAN = 7 * 86400.0          # recipients a sender wrote to (memory only)
+HISTORY_SPAN = 7 * 86400.0          # recipients a sender wrote to
+HISTORY_KEEP = 5000                 # at most this many (the latest) are saved per sender
 SAMPLES = 5                         # recent spam/virus messages kept per sender for the notices
 INLINE_READ = 256 * 1024            # bigger bodies are read and scanned off the event loop
 SAVE_INTERVAL = 5.0                 # counts are written this often when they changed
 # RateWindow.to_state() (see _core.pyi); spelled out: msgspec needs it at run time.
 RateWindowState = tuple[float, int, float, float | None, list[int]]
+# UniqueWindow.to_state(): (span, clock, [(stable 64-bit key hash, last seen)]).
+UniqueWindowState = tuple[float, float | None, list[tuple[int, float]]]
 W_NEW_RECIPIENTS = 2.0
 W_VOLUME_JUMP = 2.0
 NEW_RECIPIENTS_SHARE = 0.9
@@ -136,6 +140,7 @@ class SenderState(msgspec.Struct, omit_defaults=True):
     alert_kind: str = ""
     escalated_at: float = 0.0
     last_seen: float = 0.0
+    recipients: UniqueWindowState | None = None   # absent in files written before it was kept
 
 
 class Suspension(msgspec.Struct):
@@ -290,7 +295,7 @@ class SenderTrack:
     virus: RateWindow
     hourly: RateWindow        # messages in the last hour (volume jump)
     baseline: RateWindow      # messages in the last week (the sender's own baseline)
-    recipients: UniqueWindow  # who it wrote to (not persisted)
+    recipients: UniqueWindow  # who it wrote to (hashes; the latest HISTORY_KEEP are saved)
     samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=SAMPLES))
     alerted_at: float = 0.0   # an incident is open since
     alert_kind: str = ""      # "spam" or "virus"
@@ -303,6 +308,23 @@ class SenderTrack:
         if self.registered:
             return self.subject
         return f"non-registered senders of account {self.account!r}"
+
+
+def _history(state: UniqueWindowState | None) -> UniqueWindow:
+    """A sender's saved recipient history, or an empty one (a heuristic's input: never fatal)."""
+    if state is not None and abs(state[0] - HISTORY_SPAN) < 1e-9:
+        try:
+            return UniqueWindow.from_state(state)
+        except ValueError as exc:
+            log.warning("abuse: a saved recipient history is unreadable, starting it afresh: %s", exc)
+    return UniqueWindow(HISTORY_SPAN)
+
+
+def _history_state(window: UniqueWindow) -> UniqueWindowState | None:
+    span, clock, pairs = window.to_state()
+    if not pairs:
+        return None
+    return (span, clock, pairs[-HISTORY_KEEP:])  # pairs run oldest first
 
 
 def _rcpt_key(address: str) -> str:
@@ -391,7 +413,7 @@ class AbuseDesk:
                 s.subject, s.account, s.registered, s.first_seen,
                 _window(self.window, WINDOW_BUCKETS, s.messages), _window(self.window, WINDOW_BUCKETS, s.spam),
                 _window(self.window, WINDOW_BUCKETS, s.virus), _window(HOUR, WINDOW_BUCKETS, s.hourly),
-                _window(BASELINE_SPAN, BASELINE_BUCKETS, s.baseline), UniqueWindow(HISTORY_SPAN),
+                _window(BASELINE_SPAN, BASELINE_BUCKETS, s.baseline), _history(s.recipients),
                 deque(s.samples, maxlen=SAMPLES), s.alerted_at, s.alert_kind, s.escalated_at,
                 s.last_seen or s.first_seen)
             self.senders[s.subject] = track
@@ -419,7 +441,8 @@ class AbuseDesk:
                 track.subject, track.account, track.registered, track.first_seen,
                 track.messages.to_state(), track.spam.to_state(), track.virus.to_state(),
                 track.hourly.to_state(), track.baseline.to_state(), list(track.samples),
-                track.alerted_at, track.alert_kind, track.escalated_at, track.last_seen))
+                track.alerted_at, track.alert_kind, track.escalated_at, track.last_seen,
+                _history_state(track.recipients)))
         return msgspec.json.encode(AbuseState(1, self.suspensions, self.quarantine, senders))
 
     async def save(self) -> None:

@@ -510,6 +510,27 @@ def test_a_scanner_that_is_down_defers_and_a_crash_rescans(
     assert relay.log().count(f"{spam}: scan: ") == 1  # held: not scanned again
 
 
+def test_the_recipient_history_survives_a_restart(
+        sink: Sink, relay_factory: Callable[..., RelayProcess]) -> None:
+    relay = start(relay_factory, sink, scanners=["builtin"], builtin_many_recipients=3)
+    team = ["a@dest.test", "b@dest.test", "C@Dest.Test"]
+    first = send(relay, "carol@example.com", message("carol@example.com", "kick-off"), team)
+    sink.wait(1)
+    assert "MANY_NEW_RECIPIENTS(2: 3 of 3 never written to before)" in scan_line(relay, first)
+    relay.stop()
+    relay.start()
+    again = send(relay, "carol@example.com", message("carol@example.com", "agenda"),
+                 ["a@dest.test", "b@dest.test", "C@dest.test"])   # the domain's case does not matter
+    others = send(relay, "carol@example.com", message("carol@example.com", "hello"),
+                  ["x@dest.test", "y@dest.test", "a@dest.test"])
+    strangers = send(relay, "carol@example.com", message("carol@example.com", "hi"),
+                     ["p@dest.test", "q@dest.test", "r@dest.test"])
+    sink.wait(4)
+    assert "MANY_NEW_RECIPIENTS" not in scan_line(relay, again)
+    assert "MANY_NEW_RECIPIENTS" not in scan_line(relay, others)    # 2 of 3 new: under 90 %
+    assert "MANY_NEW_RECIPIENTS(2: 3 of 3 never written to before)" in scan_line(relay, strangers)
+
+
 def test_spam_action_bounce_returns_a_dsn_to_a_registered_sender(
         sink: Sink, relay_factory: Callable[..., RelayProcess]) -> None:
     relay = start(relay_factory, sink, scanners=["builtin"], spam_action="bounce")
