@@ -965,7 +965,8 @@ class SmtpSession(asyncio.Protocol):
                 return
         envelope, header = self._envelope(content)
         self.busy = True
-        future = self.server.spool.append_message(envelope, (header, content))
+        server = self.server
+        future = server.spool.append_message(envelope, (header, content), in_place=len(server.sessions) == 1)
         future.add_done_callback(partial(self._on_spooled, envelope, len(header) + len(content)))
 
     def _on_spooled(self, envelope: Envelope, size: int, future: asyncio.Future[Location | None]) -> None:

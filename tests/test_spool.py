@@ -466,6 +466,87 @@ def test_concurrent_appends_share_fsyncs(tmp_path: Path, run: Callable[[Awaitabl
     check_messages(tmp_path, recovered(tmp_path), list(range(200)))
 
 
+def test_a_lone_client_commits_in_place_on_the_loop_thread(tmp_path: Path,
+                                                          run: Callable[[Awaitable[Any]], Any]) -> None:
+    """in_place=True: written and fsynced by the loop's thread, in one batch with
+    whatever else was appended in the same loop turn; durable all the same."""
+    spool = Spool(tmp_path)
+    spool.recover()
+    writers: list[tuple[int, int]] = []
+    real_write = spool._write_batch
+
+    def observed_write(batch: Any) -> Any:
+        writers.append((threading.get_ident(), len(batch.futures)))
+        return real_write(batch)
+
+    spool._write_batch = observed_write  # type: ignore[method-assign]
+
+    async def go() -> tuple[int, list[Location | None]]:
+        spool.start(asyncio.get_running_loop())
+        try:
+            one = await spool.append_message(envelope(0), body(0), in_place=True)
+            # An in-place message and a state record of the same turn share the write.
+            fut = spool.append_message(envelope(1), body(1), in_place=True)
+            spool.post_state(DeliveryState("Q000000", MessageState.ACTIVE))
+            two = await fut
+            return threading.get_ident(), [one, two]
+        finally:
+            spool.close()
+
+    loop_thread, locations = run(go())
+    assert writers == [(loop_thread, 1), (loop_thread, 2)]
+    for n, loc in enumerate(locations):
+        assert loc is not None and spool.read_body(loc) == b"".join(body(n))
+    messages = recovered(tmp_path)
+    check_messages(tmp_path, messages, [0, 1])
+    assert messages[0].state.state == MessageState.ACTIVE
+
+
+def test_in_place_and_writer_thread_commits_interleave_without_loss(
+        tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    """A lone client's in-place commit while the writer thread is busy with another
+    batch (as when the other clients just left): it waits for the thread, which
+    takes it; nothing is written twice, lost or out of place."""
+    spool = Spool(tmp_path)
+    spool.recover()
+    thread_may_finish = threading.Event()
+    thread_writing = threading.Event()
+    writers: list[str] = []
+    real_write = spool._write_batch
+
+    def observed_write(batch: Any) -> Any:
+        on_loop = threading.current_thread() is threading.main_thread()
+        writers.append(f"{'loop' if on_loop else 'thread'}:{len(batch.futures)}")
+        if not on_loop and len(writers) == 1:
+            thread_writing.set()
+            thread_may_finish.wait(30)
+        return real_write(batch)
+
+    spool._write_batch = observed_write  # type: ignore[method-assign]
+
+    async def go() -> list[Location | None]:
+        loop = asyncio.get_running_loop()
+        spool.start(loop)
+        try:
+            first = [spool.append_message(envelope(n), body(n)) for n in range(3)]
+            await loop.run_in_executor(None, thread_writing.wait, 30)
+            lone = spool.append_message(envelope(3), body(3), in_place=True)
+            await asyncio.sleep(0.05)  # the in-place turn passes while the thread still writes
+            assert not lone.done()
+            thread_may_finish.set()
+            later = spool.append_message(envelope(4), body(4), in_place=True)
+            return await asyncio.gather(*first, lone, later)
+        finally:
+            spool.close()
+
+    locations = run(go())
+    assert writers[0] == "thread:3" and sum(int(w.split(":")[1]) for w in writers) == 5, writers
+    assert len(set(locations)) == 5
+    for n, loc in enumerate(locations):
+        assert loc is not None and spool.read_body(loc) == b"".join(body(n))
+    check_messages(tmp_path, recovered(tmp_path), list(range(5)))
+
+
 # -- queue ids -----------------------------------------------------------------------------------
 
 
