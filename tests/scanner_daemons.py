@@ -15,6 +15,10 @@ answers, no network rules, no signature updates.
 * **rspamd** runs a minimal config (one normal worker, no Lua plugins, so no
   fuzzy or RBL lookups); its core recognises GTUBE and answers ``reject``.
 
+``StubDaemon`` stands in for a daemon where a real one cannot be made to
+misbehave on demand: one that accepts and never answers (a hung scanner),
+or a clamd that answers late, counting the requests in progress at once.
+
 The directories live under /tmp with mode 0755 (not pytest's 0700
 tmp_path): spamd drops root privileges to ``nobody``, which must read them.
 
@@ -30,6 +34,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,6 +56,7 @@ class Daemon:
     address: str            # what the relay's config names: host:port or URL
     directory: Path
     proc: subprocess.Popen[bytes]
+    unix_socket: str = ""   # a socket path it also listens on (clamd's LocalSocket), or ""
 
     @property
     def log(self) -> str:
@@ -136,8 +142,10 @@ def start_clamd() -> Daemon:
         "LogVerbose no\nSelfCheck 0\n"
         # Room for the relay's largest message plus its Received: header.
         "StreamMaxLength 64M\n")
-    return _start("clamd", [binary, "-c", str(d / "clamd.conf")], d, f"127.0.0.1:{port}",
-                  lambda: _exchange(port, b"zPING\0", b"\0").startswith(b"PONG"))
+    daemon = _start("clamd", [binary, "-c", str(d / "clamd.conf")], d, f"127.0.0.1:{port}",
+                    lambda: _exchange(port, b"zPING\0", b"\0").startswith(b"PONG"))
+    daemon.unix_socket = str(d / "clamd.sock")
+    return daemon
 
 
 def start_spamd() -> Daemon:
@@ -212,3 +220,88 @@ def running(start: Callable[[], Daemon]) -> Iterator[Daemon]:
         yield daemon
     finally:
         daemon.stop()
+
+
+class StubDaemon:
+    """A scanner daemon's stand-in on a free loopback port, from a thread.
+
+    ``answer=None``: accept, read whatever comes and never answer, until the
+    client hangs up (any protocol: a hung rspamd, spamd or clamd).
+    Otherwise: read one clamd ``zINSTREAM`` request, wait ``delay`` seconds
+    and send ``answer``.  ``peak`` is the most requests in progress at once;
+    a request stops counting before its answer is sent, so a client cannot
+    start its next one while this one still counts.
+    """
+
+    def __init__(self, answer: bytes | None = None, delay: float = 0.0) -> None:
+        self.answer = answer
+        self.delay = delay
+        self.connections = 0
+        self.in_progress = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed by stop()
+            with self._lock:
+                self._conns.append(conn)
+                self.connections += 1
+                self.in_progress += 1
+                self.peak = max(self.peak, self.in_progress)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        counted = True
+        try:
+            if self.answer is None:
+                while conn.recv(65536):
+                    pass
+                return
+            _recv_exactly(conn, len(b"zINSTREAM\0"))
+            while (size := int.from_bytes(_recv_exactly(conn, 4), "big")) > 0:
+                _recv_exactly(conn, size)
+            time.sleep(self.delay)
+            with self._lock:
+                self.in_progress -= 1
+                counted = False
+            conn.sendall(self.answer)
+        except OSError:
+            pass
+        finally:
+            if counted:
+                with self._lock:
+                    self.in_progress -= 1
+            conn.close()
+
+    def stop(self) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept(): close() alone does not
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            for conn in self._conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self._thread.join(5)
+
+
+def _recv_exactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the client hung up mid-request")
+        data += chunk
+    return data

@@ -26,7 +26,16 @@ from typing import Any
 
 import pytest
 from conftest import RelayProcess, free_port
-from scanner_daemons import EICAR, GTUBE, Daemon, running, start_clamd, start_rspamd, start_spamd
+from scanner_daemons import (
+    EICAR,
+    GTUBE,
+    Daemon,
+    StubDaemon,
+    running,
+    start_clamd,
+    start_rspamd,
+    start_spamd,
+)
 from sink import Sink, SinkMessage
 
 from fastrelay.config import load_config
@@ -508,6 +517,81 @@ def test_a_scanner_that_is_down_defers_and_a_crash_rescans(
     assert "clamd:clean" in scan_line(relay, clean)
     assert states(relay) == {spam: MessageState.HOLD}
     assert relay.log().count(f"{spam}: scan: ") == 1  # held: not scanned again
+
+
+@pytest.mark.parametrize(("scanner", "failure"), [
+    ("rspamd", "hung"), ("rspamd", "refused"), ("spamd", "hung"), ("spamd", "refused"), ("clamd", "hung")])
+def test_a_hung_or_unreachable_scanner_defers_until_it_answers(
+        scanner: str, failure: str, sink: Sink, relay_factory: Callable[..., RelayProcess],
+        request: pytest.FixtureRequest) -> None:
+    """A scanner that accepts and never answers, or where nothing listens: mail waits, unscanned
+    mail is not delivered, the builtin scan still decides what it can; once the config names the
+    real daemon (SIGHUP), the waiting message is scanned and delivered."""
+    daemon: Daemon = request.getfixturevalue(scanner)
+    stub = StubDaemon() if failure == "hung" else None
+    try:
+        broken = stub.address if stub is not None else f"127.0.0.1:{free_port()}"
+        if scanner == "rspamd":
+            broken = f"http://{broken}"
+        relay = start(relay_factory, sink, scanners=["builtin", scanner], **{DAEMON_KEY[scanner]: broken},
+                      scan_timeout=0.5)
+        clean = send(relay, "carol@example.com", message("carol@example.com", "invoice"))
+        spam = send(relay, "alice@example.com", message("alice@example.com", "offer", GTUBE))
+        log = relay.wait_log(f"{clean}: pre-delivery check deferred: {scanner}: ")
+        [line] = [ln for ln in log.splitlines() if f"{clean}: pre-delivery check deferred" in ln]
+        assert ("no answer within 0.5s" if failure == "hung" else "[Errno 111]") in line, line  # ECONNREFUSED
+        assert "(answered: builtin:clean " in line, line          # the builtin scan ran
+        wait_held(relay, spam)                                       # and what it finds stands at once
+        assert "verdict=spam, scanner=builtin," in scan_line(relay, spam)
+        wait_until(lambda: relay.log().count(f"{clean}: pre-delivery check deferred") >= 2, "a second try")
+        assert sink.messages == []
+        assert states(relay)[clean] == MessageState.INCOMING
+        assert f"{clean}: scan: " not in relay.log()
+        if stub is not None:
+            assert stub.connections >= 2          # asked each time, and each time it hung
+
+        relay.config_path.write_text(relay.config_path.read_text().replace(broken, daemon.address)
+                                     .replace("scan_timeout = 0.5", "scan_timeout = 10"))
+        relay.reload()
+        [delivered] = sink.wait(1)
+        assert b"Subject: invoice" in delivered.content
+        assert f"{scanner}:clean" in scan_line(relay, clean)
+        assert states(relay) == {spam: MessageState.HOLD}
+    finally:
+        if stub is not None:
+            stub.stop()
+
+
+def test_clamd_over_a_unix_socket_finds_a_virus(
+        sink: Sink, relay_factory: Callable[..., RelayProcess], clamd: Daemon) -> None:
+    assert clamd.unix_socket and Path(clamd.unix_socket).is_socket(), clamd.log[-2000:]
+    relay = start(relay_factory, sink, scanners=["clamd"], clamd=clamd.unix_socket, scan_timeout=10)
+    clean = send(relay, "carol@example.com", message("carol@example.com", "lunch?"))
+    bad = send(relay, "alice@example.com", with_attachment("alice@example.com", "doc", "doc.zip", EICAR))
+    [delivered] = sink.wait(1)
+    assert b"Subject: lunch?" in delivered.content
+    assert "results=clamd:clean" in scan_line(relay, clean)
+    line = scan_line(relay, bad)
+    assert "verdict=virus, scanner=clamd, " in line and "Fastrelay.Test.EICAR.UNOFFICIAL" in line, line
+    wait_held(relay, bad)
+    relay.wait_log(f"{bad}: hold: quarantine: virus (clamd: Fastrelay.Test.EICAR.UNOFFICIAL)")
+    time.sleep(0.3)
+    assert [m for m in sink.messages if m.mail_from != "postmaster@example.com"] == [delivered]
+
+
+def test_scans_in_progress_never_exceed_the_concurrency_setting(
+        sink: Sink, relay_factory: Callable[..., RelayProcess]) -> None:
+    slow = StubDaemon(b"stream: OK\0", delay=0.4)   # a clamd that takes 0.4 s per message
+    try:
+        relay = start(relay_factory, sink, scanners=["builtin", "clamd"], clamd=slow.address,
+                      concurrency=3, scan_timeout=10)
+        queued = [send(relay, "carol@example.com", message("carol@example.com", f"report {i}")) for i in range(10)]
+        sink.wait(10, timeout=20)
+        assert all("results=clamd:clean" in scan_line(relay, q) for q in queued)
+        assert slow.connections == 10
+        assert slow.peak == 3     # never more than the setting, and the setting is used
+    finally:
+        slow.stop()
 
 
 def test_the_recipient_history_survives_a_restart(
