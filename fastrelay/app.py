@@ -109,7 +109,7 @@ class Relay:
         self.abuse.start(self.delivery)
         for name, handler in self.delivery.control_handlers().items():
             self.control.register(name, handler)
-        # quarantine_* and user_*; its release/delete replace delivery's (a virus needs --force).
+        # quarantine_* and user_*; its release/delete replace delivery's (a virus is never released).
         for name, handler in self.abuse.control_handlers().items():
             self.control.register(name, handler)
         self.status = StatusReporter(self)

@@ -586,7 +586,9 @@ class SmtpSession(asyncio.Protocol):
             elif key == "BODY":
                 if value.upper() not in ("7BIT", "8BITMIME"):
                     return replies.reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
-                self.body_8bit = value.upper() == "8BITMIME"
+                # What the client declares is checked, not kept: whether the
+                # content is 8-bit is read from the content itself (below), so
+                # a declared-8BITMIME message of plain ASCII goes to any next hop.
             elif key == "SMTPUTF8":
                 if value:
                     return replies.reply(501, "5.5.4", "SMTPUTF8 takes no value")
@@ -930,8 +932,7 @@ class SmtpSession(asyncio.Protocol):
             text = bytes(content).replace(b"\r\n.", b"\r\n")
             content = text[1:] if text[:1] == b"." else text
             self.dot_lines = True
-        if flags & CONTENT_8BIT:
-            self.body_8bit = True
+        self.body_8bit = bool(flags & CONTENT_8BIT)
         if len(content) > self.cfg.max_message_size:
             self._finish_transaction(replies.MESSAGE_TOO_BIG, "message too big")
             return

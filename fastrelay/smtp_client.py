@@ -470,9 +470,13 @@ class OutboundConnection:
         anything was accepted (the caller opens a new one and tries again).
         """
         hop, ext = self.hop, self.extensions
+        # RFC 1870 counts the content with its CRLFs, without dot-stuffing or the
+        # final dot; the stuffed length is at most a few bytes more: close enough
+        # to declare, and the same number is checked against the limit here.
+        size = len(content)
         size_limit = ext.get("SIZE", "")
-        if size_limit.isdigit() and 0 < int(size_limit) < len(content):
-            r = bounced(f"message size {len(content)} exceeds size limit {size_limit} of server {hop}",
+        if size_limit.isdigit() and 0 < int(size_limit) < size:
+            r = bounced(f"message size {size} exceeds size limit {size_limit} of server {hop}",
                         "5.3.4", hop.hostname)
             return [r] * len(recipients)
         if body_8bit and "8BITMIME" not in ext:
@@ -486,7 +490,7 @@ class OutboundConnection:
             return [r] * len(recipients)
         params = ""
         if "SIZE" in ext:
-            params += f" SIZE={len(content) + 3}"
+            params += f" SIZE={size}"
         if body_8bit:
             params += " BODY=8BITMIME"
         if smtputf8:

@@ -264,9 +264,13 @@ def test_8bitmime_body(module_relay: RelayProcess) -> None:
         queue_id = send_one(smtp, content, mail_options=("BODY=8BITMIME",))
         # No BODY= parameter but 8-bit content: the envelope still says so.
         undeclared = send_one(smtp, content)
+        # Declared 8BITMIME but plain ASCII: nothing 8-bit to carry.
+        ascii_only = b"Subject: plain\r\n\r\nonly ASCII here\r\n"
+        declared_only = send_one(smtp, ascii_only, mail_options=("BODY=8BITMIME",))
     for qid in (queue_id, undeclared):
         envelope = check_stored(module_relay, qid, content)
         assert envelope.body_8bit  # type: ignore[attr-defined]
+    assert not check_stored(module_relay, declared_only, ascii_only).body_8bit  # type: ignore[attr-defined]
 
 
 def test_smtputf8_addresses(module_relay: RelayProcess) -> None:
