@@ -21,6 +21,7 @@ import uvloop
 from fastrelay.spool import (
     HEADER_SIZE,
     MAGIC,
+    PREALLOCATE_BYTES,
     DeliveryState,
     Envelope,
     Location,
@@ -173,6 +174,75 @@ def test_scan_is_read_only(tmp_path: Path, run: Callable[[Awaitable[Any]], Any])
     names = segments(tmp_path)
     assert [m.envelope.queue_id for m in Spool(tmp_path).scan()] == ["Q000000", "Q000001", "Q000002"]
     assert path.stat().st_size == size and segments(tmp_path) == names
+
+
+# -- preallocation ---------------------------------------------------------------------------
+
+
+def test_the_segment_is_preallocated_while_written_and_cut_to_its_records_when_finished(
+        tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    spool = Spool(tmp_path)
+    spool.recover()
+    [path] = (tmp_path / "segments").glob("*.log")
+
+    async def go() -> tuple[int, int]:
+        spool.start(asyncio.get_running_loop())
+        try:
+            await asyncio.gather(*(spool.append_message(envelope(n), body(n)) for n in range(3)))
+            return path.stat().st_size, path.stat().st_blocks * 512
+        finally:
+            spool.close()
+
+    size_while_open, allocated = run(go())
+    ends = record_ends(path)
+    assert len(ends) == 3
+    # Written into space allocated ahead (PREALLOCATE_BYTES), not appended ...
+    assert size_while_open == PREALLOCATE_BYTES and allocated >= PREALLOCATE_BYTES
+    # ... and a closed segment is exactly its records.
+    assert path.stat().st_size == ends[-1]
+
+
+def test_a_crash_leaves_the_unused_reservation_which_recovery_cuts_quietly(
+        tmp_path: Path, run: Callable[[Awaitable[Any]], Any], caplog: pytest.LogCaptureFixture) -> None:
+    """The segment as a crash leaves it (copied while the spool runs): records, then zeros."""
+    spool = Spool(tmp_path)
+    spool.recover()
+    [path] = (tmp_path / "segments").glob("*.log")
+    crashed = tmp_path / "crashed"
+
+    async def go() -> None:
+        spool.start(asyncio.get_running_loop())
+        try:
+            await asyncio.gather(*(spool.append_message(envelope(n), body(n)) for n in range(4)))
+            (crashed / "segments").mkdir(parents=True)
+            (crashed / "segments" / path.name).write_bytes(path.read_bytes())
+        finally:
+            spool.close()
+
+    run(go())
+    image = crashed / "segments" / path.name
+    assert image.stat().st_size == PREALLOCATE_BYTES > path.stat().st_size
+    with caplog.at_level("DEBUG", logger="fastrelay.spool"):
+        messages = recovered(crashed)
+    check_messages(crashed, messages, list(range(4)))
+    assert image.stat().st_size == path.stat().st_size
+    assert "unused reservation" in caplog.text and "torn tail" not in caplog.text
+
+
+def test_a_torn_write_into_the_reservation_is_still_a_torn_tail(
+        tmp_path: Path, run: Callable[[Awaitable[Any]], Any], caplog: pytest.LogCaptureFixture) -> None:
+    """Half a record, then zeros: the half record is cut with a warning, the rest recovers."""
+    spool = Spool(tmp_path)
+    spool.recover()
+    run(append(spool, range(3)))
+    [path] = (tmp_path / "segments").glob("*.log")
+    ends = record_ends(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:ends[1]] + data[ends[1]:ends[1] + 40] + bytes(PREALLOCATE_BYTES))
+    messages = recovered(tmp_path)
+    check_messages(tmp_path, messages, [0, 1])
+    assert path.stat().st_size == ends[1]
+    assert "torn tail" in caplog.text
 
 
 # -- torn tails ----------------------------------------------------------------------------

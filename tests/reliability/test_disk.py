@@ -23,6 +23,7 @@ import pytest
 from conftest import RawClient, RelayProcess, queue_id_of, split_received
 
 from fastrelay import replies
+from fastrelay.spool import PREALLOCATE_BYTES
 
 from .helpers import SmallFilesystem, wait_for
 
@@ -110,8 +111,16 @@ def test_disk_full_answers_452_keeps_what_was_accepted_and_recovers(small_fs: Mo
         assert ledger.transaction(client, f"before-{i}")[:4] == b"250 "
     filler = fs.fill()
     report(f"spool filesystem filled: {fs.free_bytes()} bytes left")
+    # The spool allocates its segment PREALLOCATE_BYTES ahead of its writes:
+    # that space still takes messages. Once it is used, a message needs new
+    # blocks, and there are none.
+    reserve = 0
+    while (reply := ledger.transaction(client, f"reserve-{reserve}", size=64 * 1024))[:4] == b"250 ":
+        reserve += 1
+        assert reserve <= PREALLOCATE_BYTES // (64 * 1024) + 1, "accepted more than the reservation holds"
+    assert reply == STORAGE_FULL
+    report(f"accepted into the spool's reservation after the disk filled: {reserve} message(s) of 64 KiB")
     before = segment_sizes(relay)
-    # Larger than what is left in the segment's last block: needs new blocks.
     for i in range(3):
         assert ledger.transaction(client, f"full-{i}", size=64 * 1024) == STORAGE_FULL
     other = client_for(relay)
@@ -130,7 +139,7 @@ def test_disk_full_answers_452_keeps_what_was_accepted_and_recovers(small_fs: Mo
     assert ledger.transaction(other, "after-1", size=64 * 1024)[:4] == b"250 "
     client.close()
     other.close()
-    assert ledger.check_spool(relay, "space back") == 7
+    assert ledger.check_spool(relay, "space back") == 7 + reserve
     restart_and_check(relay, ledger, "disk full")
 
 
