@@ -33,7 +33,12 @@ state it had, so a crash between the two leaves the old copy in charge.
 
 The writes and fsyncs happen on one writer thread so the event loop never
 blocks on the disk; completion comes back with one ``call_soon_threadsafe``
-per batch.
+per batch.  One exception: when the server has a single client, nothing else
+waits on the loop, and its commit is written in place on the loop's thread
+(``append_message(in_place=True)``), sparing the two thread hand-offs.
+Segments are allocated ``PREALLOCATE_BYTES`` ahead of the writes, so a
+commit does not also commit a new file size; a finished segment is cut back
+to its records.
 
 Config keys read: server.spool_dir.
 """
