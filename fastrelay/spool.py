@@ -444,14 +444,17 @@ class Spool:
                 return
             batch, self._pending = self._pending, _Batch()
             self._writing = True
+        self._on_written(batch, self._write_claimed(batch))
+
+    def _write_claimed(self, batch: _Batch) -> OSError | None:
+        """Write a batch its caller took from ``_pending`` and set ``_writing`` for (under the lock)."""
         try:
-            error = self._write_batch(batch)
+            return self._write_batch(batch)
         finally:
             with self._lock:
                 self._writing = False
-                if self._pending.futures:
+                if self._pending.futures:  # appended meanwhile, for the writer thread
                     self._wakeup.notify()
-        self._on_written(batch, error)
 
     def _forget(self, queue_id: str) -> None:
         segment = self._where.pop(queue_id, None)
@@ -503,11 +506,7 @@ class Spool:
                     continue
                 batch, self._pending = self._pending, _Batch()
                 self._writing = True
-            try:
-                error = self._write_batch(batch)
-            finally:
-                with self._lock:
-                    self._writing = False
+            error = self._write_claimed(batch)
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(self._on_written, batch, error)
