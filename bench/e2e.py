@@ -1146,7 +1146,11 @@ def run_micro(out_json: Path) -> list[dict[str, Any]]:
         print(f"micro benchmarks failed (exit {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-1000:]}",
               file=sys.stderr)
         return []
-    return list(json.loads(out_json.read_text()).get("benchmarks", []))
+    benchmarks = list(json.loads(out_json.read_text()).get("benchmarks", []))
+    for bench in benchmarks:
+        # Every round's time (the raw samples) would make the report's JSON megabytes; the statistics stay.
+        bench.get("stats", {}).pop("data", None)
+    return benchmarks
 
 
 def _duration(seconds: float) -> str:
