@@ -496,14 +496,13 @@ class Spool:
     def _writer(self) -> None:
         while True:
             with self._lock:
+                # A write in place runs on the loop's thread, as close() does, and
+                # refuses once closing: past this wait, nothing else writes.
                 while (not self._pending.futures or self._in_place_due or self._writing) \
                         and not self._closing:
                     self._wakeup.wait()
                 if not self._pending.futures and self._closing:
                     return
-                if self._writing:  # closing while a write in place runs: let it finish
-                    self._wakeup.wait(0.1)
-                    continue
                 batch, self._pending = self._pending, _Batch()
                 self._writing = True
             error = self._write_claimed(batch)

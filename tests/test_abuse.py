@@ -581,7 +581,10 @@ def test_clamd_over_a_unix_socket_finds_a_virus(
 
 def test_scans_in_progress_never_exceed_the_concurrency_setting(
         sink: Sink, relay_factory: Callable[..., RelayProcess]) -> None:
-    slow = StubDaemon(b"stream: OK\0", delay=0.4)   # a clamd that takes 0.4 s per message
+    # A stand-in, not the real clamd: the real one answers a small message in
+    # milliseconds, so how many scans overlap would be left to chance; one that
+    # takes 0.4 s per message makes the limit the only thing that bounds them.
+    slow = StubDaemon(b"stream: OK\0", delay=0.4)
     try:
         relay = start(relay_factory, sink, scanners=["builtin", "clamd"], clamd=slow.address,
                       concurrency=3, scan_timeout=10)
