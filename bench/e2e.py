@@ -1298,7 +1298,8 @@ def profile(args: argparse.Namespace) -> int:
     py_spy = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
     WORK_BASE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="profile-", dir=WORK_BASE))
-    server = Fastrelay(work)
+    server = SERVERS[args.profile_server](work)
+    assert isinstance(server, Fastrelay), "--profile-server: a fastrelay variant"
     server.features = case.features()
     server.start()
     raw = work / "profile.txt"
@@ -1430,6 +1431,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="smtp-source and fastrelay bench against the same servers (fastrelay, sink), "
                          "1k-new and 1k-reuse: do the generators agree?")
     ap.add_argument("--profile", metavar="CASE", help="profile fastrelay with py-spy under CASE instead")
+    ap.add_argument("--profile-server", default="fastrelay",
+                    choices=sorted(n for n, c in SERVERS.items() if issubclass(c, Fastrelay)),
+                    help="which fastrelay to profile (with --profile; default fastrelay: accept only)")
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second (with --profile)")
     ap.add_argument("--native", action="store_true", help="py-spy --native (with --profile)")
     ap.add_argument("--gil", action="store_true", help="py-spy --gil: only samples holding the GIL (with --profile)")

@@ -515,7 +515,9 @@ class QueueManager:
             return
         done = sorted(set(state.done_recipients).union(finished))
         if not pending:
-            self._remove(entry, "")
+            # Every recipient's outcome is known: losing this "done" in a crash
+            # would only deliver again (at-least-once), so it rides the next commit.
+            self._remove(entry, "", deferrable=True)
             return
         last_error = pending[0][1].detail
         if entry.hold_reason is not None:
@@ -544,13 +546,13 @@ class QueueManager:
 
     # -- state changes ------------------------------------------------------------------
 
-    def _remove(self, entry: QueueEntry, why: str) -> None:
+    def _remove(self, entry: QueueEntry, why: str, deferrable: bool = False) -> None:
         env = entry.envelope
         if entry.timer is not None:
             entry.timer.cancel()
             entry.timer = None
         entry.state = replace(entry.state, state=MessageState.DONE, next_attempt=0.0)
-        self._write_state(entry.state)
+        self._write_state(entry.state, deferrable)
         self.spool.release_body(entry.location)
         self.entries.pop(env.queue_id, None)
         log.info("%s: removed%s", env.queue_id, f" ({why})" if why else "")
@@ -579,9 +581,9 @@ class QueueManager:
             if entry.attempt is not None and self.entries.get(entry.envelope.queue_id) is entry:
                 self._write_state(entry.state)
 
-    def _write_state(self, state: DeliveryState) -> None:
+    def _write_state(self, state: DeliveryState, deferrable: bool = False) -> None:
         try:
-            self.spool.post_state(state)   # a failed write is logged by the spool
+            self.spool.post_state(state, deferrable)   # a failed write is logged by the spool
         except RuntimeError as exc:  # the spool is closed
             log.error("%s: state %s not written: %s", state.queue_id, state.state.value, exc)
 

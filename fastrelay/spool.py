@@ -77,6 +77,12 @@ SEGMENT_BYTES = 64 * 1024 * 1024
 PREALLOCATE_BYTES = 4 * 1024 * 1024
 KIND_MESSAGE = b"M"
 KIND_STATE = b"S"
+# A "done" record nobody waits for is not worth an fdatasync of its own: it
+# rides with the next commit, or is flushed after this many seconds.  Losing
+# it in a crash only means the message is delivered once more (the
+# at-least-once window, docs/reliability.md); a lone client with delivery on
+# paid a second fdatasync per message for it, in series with its own.
+DONE_FLUSH_DELAY = 0.05
 
 
 class MessageState(enum.StrEnum):
@@ -220,7 +226,7 @@ class Location(NamedTuple):
 
 
 class _Batch:
-    __slots__ = ("frames", "futures", "offset", "records", "segment")
+    __slots__ = ("frames", "futures", "offset", "records", "segment", "urgent")
 
     def __init__(self) -> None:
         self.frames: list[tuple[bytes, bytes, Sequence[bytes | bytearray | memoryview]]] = []
@@ -229,6 +235,7 @@ class _Batch:
         self.records: list[tuple[str | None, int, int]] = []
         self.segment = 0  # set by the writer: where the batch landed
         self.offset = 0   # and at which offset it starts
+        self.urgent = False  # holds a record that may not wait (see DONE_FLUSH_DELAY): write it now
 
 
 class Spool:
@@ -245,6 +252,7 @@ class Spool:
         self._closing = False
         self._writing = False        # a batch is being written (by the thread or in place)
         self._in_place_due = False   # a write in place is scheduled for the end of this loop turn
+        self._done_flush: asyncio.TimerHandle | None = None  # flushes deferred "done" records
         self._thread: threading.Thread | None = None
         self._fd = -1
         self._segment = 0
@@ -349,6 +357,9 @@ class Spool:
         self._thread.start()
 
     def close(self) -> None:
+        if self._done_flush is not None:
+            self._done_flush.cancel()   # the writer writes everything pending as it stops
+            self._done_flush = None
         with self._lock:
             self._closing = True
             self._wakeup.notify()
@@ -399,18 +410,22 @@ class Spool:
         self._append_state(state, fut)
         return fut
 
-    def post_state(self, state: DeliveryState) -> None:
+    def post_state(self, state: DeliveryState, deferrable: bool = False) -> None:
         """Queue a state record that nobody waits for (a failed write is logged here).
 
         The queue manager writes one or two per message and never waits:
-        a future and its callback each time cost more than the record."""
-        self._append_state(state, None)
+        a future and its callback each time cost more than the record.
+        ``deferrable``: losing the record in a crash only repeats a delivery
+        (a "done" after the last recipient's outcome), so it need not be
+        committed on its own; see DONE_FLUSH_DELAY."""
+        self._append_state(state, None, deferrable)
 
-    def _append_state(self, state: DeliveryState, fut: asyncio.Future[Location | None] | None) -> None:
+    def _append_state(self, state: DeliveryState, fut: asyncio.Future[Location | None] | None,
+                      deferrable: bool = False) -> None:
         if state.state == MessageState.DONE:
             self._forget(state.queue_id)
         env = _env_encoder.encode(state)
-        self._append(KIND_STATE, env, (), (None, len(env), 0), fut)
+        self._append(KIND_STATE, env, (), (None, len(env), 0), fut, deferrable=deferrable)
 
     def _new_future(self) -> asyncio.Future[Location | None]:
         assert self._loop is not None, "Spool.start() not called"
@@ -418,7 +433,7 @@ class Spool:
 
     def _append(self, kind: bytes, env: bytes, body: Sequence[bytes | bytearray | memoryview],
                 record: tuple[str | None, int, int], fut: asyncio.Future[Location | None] | None,
-                in_place: bool = False) -> None:
+                in_place: bool = False, deferrable: bool = False) -> None:
         with self._lock:
             batch = self._pending
             # The CRC and header are made on the writer thread (zlib.crc32
@@ -426,13 +441,26 @@ class Spool:
             batch.frames.append((kind, env, body))
             batch.futures.append(fut)
             batch.records.append(record)
-            if len(batch.futures) == 1:  # the writer may be waiting for work
+            if deferrable:
+                if not batch.urgent and self._done_flush is None:
+                    assert self._loop is not None
+                    self._done_flush = self._loop.call_later(DONE_FLUSH_DELAY, self._flush_deferred)
+                return
+            if not batch.urgent:  # the writer may be waiting for work
+                batch.urgent = True
                 if in_place and not self._writing and self._thread is not None:
                     self._in_place_due = True
                     assert self._loop is not None
                     self._loop.call_soon(self._write_in_place)
                 else:
                     self._wakeup.notify()
+
+    def _flush_deferred(self) -> None:
+        self._done_flush = None
+        with self._lock:
+            if self._pending.futures and not self._pending.urgent:
+                self._pending.urgent = True
+                self._wakeup.notify()
 
     def _write_in_place(self) -> None:
         with self._lock:
@@ -453,7 +481,7 @@ class Spool:
         finally:
             with self._lock:
                 self._writing = False
-                if self._pending.futures:  # appended meanwhile, for the writer thread
+                if self._pending.urgent:  # appended meanwhile, for the writer thread
                     self._wakeup.notify()
 
     def _forget(self, queue_id: str) -> None:
@@ -498,7 +526,7 @@ class Spool:
             with self._lock:
                 # A write in place runs on the loop's thread, as close() does, and
                 # refuses once closing: past this wait, nothing else writes.
-                while (not self._pending.futures or self._in_place_due or self._writing) \
+                while (not self._pending.urgent or self._in_place_due or self._writing) \
                         and not self._closing:
                     self._wakeup.wait()
                 if not self._pending.futures and self._closing:

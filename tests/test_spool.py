@@ -348,6 +348,84 @@ def test_state_records(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> 
     ]
 
 
+def live_ids(directory: Path) -> list[str]:
+    """What a reader beside the running spool finds on disk (as ``fastrelay queue list`` does)."""
+    return [m.envelope.queue_id for m in Spool(directory).scan()]
+
+
+async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Poll until ``predicate`` holds or ``seconds`` pass (the caller then asserts)."""
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+
+
+def test_done_record_rides_with_the_next_commit(tmp_path: Path, run: Callable[[Awaitable[Any]], Any],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # A "done" nobody waits for gets no fdatasync of its own: the next commit carries it.
+    monkeypatch.setattr("fastrelay.spool.DONE_FLUSH_DELAY", 3600.0)
+    spool = Spool(tmp_path)
+    spool.recover()
+
+    async def go() -> None:
+        spool.start(asyncio.get_running_loop())
+        await asyncio.gather(*(spool.append_message(envelope(n), body(n)) for n in range(2)))
+        spool.post_state(DeliveryState("Q000000", MessageState.DONE), deferrable=True)
+        await asyncio.sleep(0.2)
+        assert live_ids(tmp_path) == ["Q000000", "Q000001"]   # not written yet
+        await spool.append_message(envelope(2), body(2))
+        assert live_ids(tmp_path) == ["Q000001", "Q000002"]   # written with message 2
+        # A "done" someone waits for is written at once.
+        await spool.append_state(DeliveryState("Q000001", MessageState.DONE))
+        assert live_ids(tmp_path) == ["Q000002"]
+        spool.post_state(DeliveryState("Q000002", MessageState.DONE), deferrable=True)
+        spool.close()   # and closing writes what is pending
+
+    run(go())
+    assert recovered(tmp_path) == []
+
+
+def test_done_record_is_flushed_after_its_delay(tmp_path: Path, run: Callable[[Awaitable[Any]], Any],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fastrelay.spool.DONE_FLUSH_DELAY", 0.05)
+    spool = Spool(tmp_path)
+    spool.recover()
+
+    async def go() -> list[str]:
+        spool.start(asyncio.get_running_loop())
+        await spool.append_message(envelope(0), body(0))
+        spool.post_state(DeliveryState("Q000000", MessageState.DONE), deferrable=True)
+        await eventually(lambda: not live_ids(tmp_path))
+        live = live_ids(tmp_path)
+        spool.close()
+        return live
+
+    assert run(go()) == []
+
+
+def test_other_records_are_written_at_once(tmp_path: Path, run: Callable[[Awaitable[Any]], Any],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only what the caller says may wait is put off: a crash must not undo a
+    # hold, or an administrator's delete.
+    monkeypatch.setattr("fastrelay.spool.DONE_FLUSH_DELAY", 3600.0)
+    spool = Spool(tmp_path)
+    spool.recover()
+
+    async def go() -> None:
+        spool.start(asyncio.get_running_loop())
+        await asyncio.gather(*(spool.append_message(envelope(n), body(n)) for n in range(3)))
+        spool.post_state(DeliveryState("Q000000", MessageState.HOLD))
+        spool.post_state(DeliveryState("Q000001", MessageState.DEFERRED, attempts=1, next_attempt=5.0))
+        spool.post_state(DeliveryState("Q000002", MessageState.DONE))
+        await eventually(lambda: len(live_ids(tmp_path)) == 2
+                         and all(m.state.state != MessageState.INCOMING for m in Spool(tmp_path).scan()))
+        assert [m.state.state for m in Spool(tmp_path).scan()] == [MessageState.HOLD, MessageState.DEFERRED]
+        spool.close()
+
+    run(go())
+
+
 def test_done_segments_are_deleted(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
     spool = Spool(tmp_path)
     spool.recover()
