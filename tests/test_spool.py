@@ -361,12 +361,18 @@ async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> Non
         await asyncio.sleep(0.05)
 
 
+def recovered_spool(directory: Path, monkeypatch: pytest.MonkeyPatch, done_flush_delay: float) -> Spool:
+    """A spool ready to start, whose deferred "done" records wait ``done_flush_delay`` seconds."""
+    monkeypatch.setattr("fastrelay.spool.DONE_FLUSH_DELAY", done_flush_delay)
+    spool = Spool(directory)
+    spool.recover()
+    return spool
+
+
 def test_done_record_rides_with_the_next_commit(tmp_path: Path, run: Callable[[Awaitable[Any]], Any],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     # A "done" nobody waits for gets no fdatasync of its own: the next commit carries it.
-    monkeypatch.setattr("fastrelay.spool.DONE_FLUSH_DELAY", 3600.0)
-    spool = Spool(tmp_path)
-    spool.recover()
+    spool = recovered_spool(tmp_path, monkeypatch, 3600.0)
 
     async def go() -> None:
         spool.start(asyncio.get_running_loop())
@@ -388,9 +394,7 @@ def test_done_record_rides_with_the_next_commit(tmp_path: Path, run: Callable[[A
 
 def test_done_record_is_flushed_after_its_delay(tmp_path: Path, run: Callable[[Awaitable[Any]], Any],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("fastrelay.spool.DONE_FLUSH_DELAY", 0.05)
-    spool = Spool(tmp_path)
-    spool.recover()
+    spool = recovered_spool(tmp_path, monkeypatch, 0.05)
 
     async def go() -> list[str]:
         spool.start(asyncio.get_running_loop())
@@ -408,9 +412,7 @@ def test_other_records_are_written_at_once(tmp_path: Path, run: Callable[[Awaita
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # Only what the caller says may wait is put off: a crash must not undo a
     # hold, or an administrator's delete.
-    monkeypatch.setattr("fastrelay.spool.DONE_FLUSH_DELAY", 3600.0)
-    spool = Spool(tmp_path)
-    spool.recover()
+    spool = recovered_spool(tmp_path, monkeypatch, 3600.0)
 
     async def go() -> None:
         spool.start(asyncio.get_running_loop())
