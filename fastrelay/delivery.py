@@ -717,9 +717,16 @@ class QueueManager:
                 if not isinstance(queue_id, str) or not queue_id:
                     return {"ok": False, "error": "queue_id missing"}
                 try:
-                    return {"ok": True, "message": action(queue_id)}
+                    message = action(queue_id)
                 except LookupError as exc:
                     return {"ok": False, "error": str(exc.args[0])}
+                # Answer once the change is on disk: a "removed" the administrator
+                # reads must survive a crash a moment later.
+                try:
+                    await self.spool.sync()
+                except SpoolError as exc:
+                    return {"ok": False, "error": f"{message}, but not saved: {exc}"}
+                return {"ok": True, "message": message}
             return handler
 
         return {"flush": flush, "hold": by_id(self.hold), "release": by_id(self.release),

@@ -226,7 +226,7 @@ class Location(NamedTuple):
 
 
 class _Batch:
-    __slots__ = ("frames", "futures", "offset", "records", "segment", "urgent")
+    __slots__ = ("barriers", "frames", "futures", "offset", "records", "segment", "urgent")
 
     def __init__(self) -> None:
         self.frames: list[tuple[bytes, bytes, Sequence[bytes | bytearray | memoryview]]] = []
@@ -236,6 +236,13 @@ class _Batch:
         self.segment = 0  # set by the writer: where the batch landed
         self.offset = 0   # and at which offset it starts
         self.urgent = False  # holds a record that may not wait (see DONE_FLUSH_DELAY): write it now
+        # Spool.sync() waiters, each with the spool's failed-write count when it
+        # called: resolved once this batch, and so all before it, is on disk
+        self.barriers: list[tuple[asyncio.Future[None], int]] = []
+
+    def __bool__(self) -> bool:
+        """Has the writer anything to do with this batch?"""
+        return bool(self.futures) or bool(self.barriers)
 
 
 class Spool:
@@ -265,6 +272,8 @@ class Spool:
         # when each segment before the current one stopped taking records
         self._closed_at: dict[int, float] = {}
         self.failed: OSError | None = None
+        self._failed_writes = 0   # batches whose write failed, and the last error: for sync()
+        self._last_write_error: OSError | None = None
         # Bodies just written, kept for the stages that read them right back
         # (scanning, then the first delivery attempt): reading each one from
         # the segment again cost more CPU than delivering it.  Off (0) unless
@@ -455,6 +464,26 @@ class Spool:
                 else:
                     self._wakeup.notify()
 
+    def sync(self) -> asyncio.Future[None]:
+        """Resolves once every record appended before this call is on disk.
+
+        For the rare caller that must answer only when a record it posted
+        without waiting (post_state) is durable: an administrator's hold or
+        delete.  Batches are written in order, so the barrier rides the
+        pending batch, or an empty one right behind the batch being written."""
+        assert self._loop is not None, "Spool.start() not called"
+        fut: asyncio.Future[None] = self._loop.create_future()
+        with self._lock:
+            if self._thread is None:   # closed: close() wrote everything
+                fut.set_result(None)
+                return fut
+            batch = self._pending
+            batch.barriers.append((fut, self._failed_writes))
+            if not batch.urgent:
+                batch.urgent = True
+                self._wakeup.notify()
+        return fut
+
     def _flush_deferred(self) -> None:
         self._done_flush = None
         with self._lock:
@@ -465,7 +494,7 @@ class Spool:
     def _write_in_place(self) -> None:
         with self._lock:
             self._in_place_due = False
-            if self._writing or not self._pending.futures or self._closing:
+            if self._writing or not self._pending or self._closing:
                 # The writer took the batch, or is writing one: it goes on
                 # with what is pending when it is done.
                 self._wakeup.notify()
@@ -492,6 +521,11 @@ class Spool:
     def _on_written(self, batch: _Batch, error: OSError | None) -> None:
         """Runs on the event loop: bookkeeping first, then wake the waiters."""
         if error is not None:
+            self._failed_writes += 1
+            self._last_write_error = error
+            for barrier, _ in batch.barriers:
+                if not barrier.done():
+                    barrier.set_exception(SpoolError(str(error)))
             unwatched = 0
             for fut in batch.futures:
                 if fut is None:
@@ -518,6 +552,13 @@ class Spool:
                 fut.set_result(location)
         if messages:
             self._live[seg] = self._live.get(seg, 0) + messages
+        for barrier, failed_before in batch.barriers:
+            if barrier.done():
+                continue
+            if self._failed_writes != failed_before:   # a batch before this one was lost
+                barrier.set_exception(SpoolError(f"a spool write failed: {self._last_write_error}"))
+            else:
+                barrier.set_result(None)
 
     # -- the writer thread ---------------------------------------------------
 
@@ -529,7 +570,7 @@ class Spool:
                 while (not self._pending.urgent or self._in_place_due or self._writing) \
                         and not self._closing:
                     self._wakeup.wait()
-                if not self._pending.futures and self._closing:
+                if not self._pending and self._closing:
                     return
                 batch, self._pending = self._pending, _Batch()
                 self._writing = True
@@ -541,6 +582,8 @@ class Spool:
                 return
 
     def _write_batch(self, batch: _Batch) -> OSError | None:
+        if not batch.frames:   # only sync() barriers: the batches before it were fsynced
+            return None
         start = self._offset
         try:
             if self._offset >= self.segment_bytes:

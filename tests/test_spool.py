@@ -428,6 +428,33 @@ def test_other_records_are_written_at_once(tmp_path: Path, run: Callable[[Awaita
     run(go())
 
 
+def test_sync_resolves_once_everything_before_it_is_on_disk(tmp_path: Path,
+                                                            run: Callable[[Awaitable[Any]], Any],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # An administrator's hold or delete is answered after sync(): what was
+    # posted before it, deferred "done" records included, is then on disk.
+    spool = recovered_spool(tmp_path, monkeypatch, 3600.0)
+
+    async def go() -> None:
+        spool.start(asyncio.get_running_loop())
+        await spool.sync()                     # nothing pending: resolves all the same
+        await asyncio.gather(*(spool.append_message(envelope(n), body(n)) for n in range(3)))
+        spool.post_state(DeliveryState("Q000000", MessageState.DONE), deferrable=True)
+        spool.post_state(DeliveryState("Q000001", MessageState.HOLD))
+        await spool.sync()
+        assert [(m.envelope.queue_id, m.state.state) for m in Spool(tmp_path).scan()] == \
+            [("Q000001", MessageState.HOLD), ("Q000002", MessageState.INCOMING)]
+        # Many waiters while a batch is being written: each resolves after its records.
+        for n in range(3, 40):
+            spool.post_state(DeliveryState("Q000002", MessageState.DEFERRED, attempts=n, next_attempt=5.0))
+            if n % 4 == 0:
+                await spool.sync()
+                assert [m.state.attempts for m in Spool(tmp_path).scan()][-1] == n
+        spool.close()
+
+    run(go())
+
+
 def test_done_segments_are_deleted(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
     spool = Spool(tmp_path)
     spool.recover()

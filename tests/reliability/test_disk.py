@@ -20,12 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import RawClient, RelayProcess, queue_id_of, split_received
+from conftest import RawClient, RelayProcess, free_port, queue_id_of, split_received
 
 from fastrelay import replies
-from fastrelay.spool import PREALLOCATE_BYTES
+from fastrelay.spool import PREALLOCATE_BYTES, MessageState, Spool
 
-from .helpers import SmallFilesystem, wait_for
+from .helpers import SmallFilesystem, delivery_to, wait_for
 
 HELO = "client.example.com"
 SENDER = "bob@example.com"
@@ -236,3 +236,44 @@ def test_filesystem_failing_under_the_relay_answers_452_and_nothing_is_lost(
     assert ledger.transaction(client, "after")[:4] == b"250 "
     client.close()
     assert ledger.check_spool(relay, "after fsck") == 4
+
+
+def queue_command(relay: RelayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastrelay", "queue", *args, "--config", str(relay.config_path)],
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_queue_hold_is_answered_only_once_it_is_on_disk(small_fs: MountFs,
+                                                        relay_factory: Callable[..., RelayProcess]) -> None:
+    """An administrator's ``queue hold`` says "on hold" only once its record is fsynced:
+    a crash right after the answer keeps the hold, and a spool that cannot take the
+    record makes the command fail and say so, rather than report a hold a restart undoes."""
+    nobody = free_port()   # nothing listens there: every delivery is deferred
+    relay = relay_factory(start=False, extra=delivery_to(nobody, retry='["1h"]'))
+    fs = small_fs(relay.spool_dir, 16)
+    relay.start()
+    ledger = Ledger()
+    client = client_for(relay)
+    for i in range(2):
+        assert ledger.transaction(client, f"held-{i}")[:4] == b"250 "
+    client.close()
+    first, second = ledger.acked
+    relay.wait_log(f"{first}: deferred")
+    relay.wait_log(f"{second}: deferred")
+
+    segments = relay.spool_dir / "segments"
+    locked = [segments, *segments.glob("*.log")]
+    fs.immutable(True, locked)
+    try:
+        refused = queue_command(relay, "hold", first)
+    finally:
+        fs.immutable(False, locked)
+    assert refused.returncode == 1, refused.stdout
+    assert f"{first}: on hold, but not saved" in refused.stderr and "Operation not permitted" in refused.stderr
+
+    held = queue_command(relay, "hold", second)
+    assert held.returncode == 0 and f"{second}: on hold" in held.stdout, held.stderr
+    relay.kill()   # at once: the answer promised the record is on disk
+    states = {m.envelope.queue_id: m.state.state for m in Spool(relay.spool_dir).scan()}
+    assert states == {first: MessageState.DEFERRED, second: MessageState.HOLD}
+    assert ledger.check_spool(relay, "after the kill") == 2
