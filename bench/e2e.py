@@ -28,6 +28,7 @@ Only 127.0.0.1 is ever a target; every run is bounded in messages and seconds.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -253,6 +254,10 @@ class Server:
     def stored(self) -> int | None:
         """Messages the server made durable (or forwarded), or None when it keeps nothing."""
         return None
+
+    def warnings(self) -> str:
+        """The server's own account of trouble in this run, for the note of a failed run."""
+        return ""
 
     def fresh_dir(self) -> Path:
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=self.work))
@@ -737,6 +742,16 @@ class Postfix(Server):
     def stored(self) -> int | None:
         return self._log_count(r"status=sent")
 
+    def warnings(self) -> str:
+        # Distinct warnings, their counts first: e.g. why smtpd stopped offering STARTTLS.
+        with contextlib.suppress(OSError):
+            text = (self.queue / "maillog").read_text(errors="replace")
+            found = collections.Counter(re.sub(r"^.*?(warning|fatal|panic): ", r"\1: ", line)
+                                        for line in text.splitlines()
+                                        if re.search(r"(warning|fatal|panic): ", line))
+            return "; ".join(f"{n}x {w[:160]}" for w, n in found.most_common(3))
+        return ""
+
 
 class PostfixHold(Postfix):
     name = "postfix-hold"
@@ -903,6 +918,8 @@ def run_once(server: Server, case: Case, rnd: int, timeout: float, generator: st
             note = f"stored {stored} of {case.messages}"
         elif errors:
             note = errors[-200:]
+    if not ok and (said := server.warnings()):
+        note = f"{note} [server log: {said}]"
     server.cleanup()
     latency = bench_out.get("latency_ms") or {}
     return Run(case.name, server.name, rnd, sent, load_seconds, sent / load_seconds if load_seconds > 0 else 0.0,
@@ -1059,7 +1076,7 @@ def report(summaries: list[Summary], servers: list[str], meta: dict[str, Any]) -
                 f"{fmt(s.cpu_ms(name), 3)} | {fmt(s.client_cores(name), 2)} |"
                 + (f" {fmt(p50, 2)} | {fmt(p99, 2)} |" if bench else "")
                 + f" {stored} | {fmt(s.ratio('fastrelay', name), 2) if name != 'fastrelay' else ''} |"
-                + (f" {'; '.join(sorted(set(bad)))[:300]}" if bad else "")
+                + (f" {'; '.join(sorted(set(bad)))[:600]}" if bad else "")
             )
         lines.append("")
         lines.append("Load command (the port differs per server):")
