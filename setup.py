@@ -19,6 +19,7 @@ extensions = [
         ["fastrelay/_core.pyx"],
         extra_compile_args=compile_args,
         define_macros=macros,
+        libraries=["z"],   # zlib's crc32 for the spool's records (commit_records)
     )
 ]
 

@@ -1,6 +1,6 @@
 # Typing stub for the compiled module fastrelay._core (see _core.pyx).
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final, TypeAlias, final
 
 # (span, buckets, width, head_time, counts oldest first); head_time is None
@@ -92,3 +92,9 @@ def header_facts(body: bytes, url_scan_bytes: int) -> tuple[int, int, int, int, 
     """(flags, head_len, text_start, from_start, from_end, subject_start, subject_end, urls) of a message:
     HEADER_* flags, where its header section ends and its text starts, the stripped From: and
     Subject: values (-1, -1 when absent), and "://" in the text's first ``url_scan_bytes``."""
+
+def commit_records(fd: int, offset: int, magic: bytes,
+                   frames: list[tuple[bytes, bytes, Sequence[bytes | bytearray | memoryview]]],
+                   sync: bool = True) -> int:
+    """Write (kind, envelope, body parts) frames as spool records at ``offset`` (headers and CRCs
+    made here), then fdatasync with ``sync``, in one release of the GIL; the bytes written."""

@@ -1,5 +1,5 @@
 # cython: auto_pickle=False, autotestdict=False
-"""fastrelay's compiled hot data: CidrSet, RateWindow, UniqueWindow, LiteralSet, header_facts.
+"""fastrelay's compiled hot data: CidrSet, RateWindow, UniqueWindow, LiteralSet, header_facts, commit_records.
 
 Only the structures touched on every connection or every message live here;
 the policy built on top of them (which rule wins, what a limit means, where
@@ -12,8 +12,10 @@ driven by tests without patching time.
 Thread safety: none beyond the GIL.  Every method runs start to finish
 without releasing it, so one event loop thread may use an object freely;
 sharing one across threads that release the GIL around calls is not supported.
-The one exception, LiteralSet.found, releases it but only reads a set that
-never changes after construction, so any thread may search with one.
+The exceptions: LiteralSet.found releases it but only reads a set that
+never changes after construction, so any thread may search with one; and
+commit_records, a function with no shared state, releases it around its
+disk writes (the spool's writer thread calls it).
 """
 
 cimport cython
@@ -24,6 +26,7 @@ from libc.stdlib cimport qsort
 from libc.string cimport memchr, memcmp, memcpy
 
 import ipaddress
+import os
 
 # The shapes of to_state() output, importable for annotations (and
 # mirrored in _core.pyi).
@@ -1549,3 +1552,167 @@ def header_facts(bytes body, Py_ssize_t url_scan_bytes):
             urls += 1
             i += 2
     return flags, head, text, spans[0], spans[1], spans[2], spans[3], urls
+
+
+# =========================================================================
+# Spool commit
+# =========================================================================
+#
+# The spool's group commit (spool.py) writes a batch of records and
+# fdatasyncs it on a writer thread.  Done from Python, every CRC over a large
+# part, the pwritev and the fdatasync release the GIL and take it back: a
+# dozen hand-offs per batch, each of which can wait out the event loop
+# thread's switch interval (5 ms) while the clients wait for their 250.
+# Here the whole batch is one GIL release.  zlib's own crc32 (the one
+# Python's zlib.crc32 calls), so the records stay what spool.read_records
+# checks.
+
+cdef extern from "<zlib.h>" nogil:
+    unsigned long zlib_crc32 "crc32"(unsigned long crc, const unsigned char *buf, unsigned int length)
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t pwritev(int fd, const iovec *iov, int iovcnt, long offset)
+
+cdef extern from "<unistd.h>" nogil:
+    int fdatasync(int fd)
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    int EINTR
+
+cdef extern from "Python.h":
+    int PyObject_GetBuffer(object obj, Py_buffer *view, int flags) except -1
+    void PyBuffer_Release(Py_buffer *view)
+    int PyBUF_SIMPLE
+
+# The record header, as spool.py's _HEADER ("<4scxxxIQI"): magic, kind, three
+# pad bytes, envelope length, body length, CRC-32 of envelope and body.
+cdef enum:
+    RECORD_HEADER_SIZE = 24
+    IOV_MAX = 1024           # Linux: the most parts one pwritev takes
+    CRC_CHUNK = 1 << 30      # zlib's crc32 takes an unsigned int length
+
+cdef inline void _put_le(unsigned char *at, uint64_t value, int size) noexcept nogil:
+    cdef int i
+    for i in range(size):
+        at[i] = <unsigned char>(value >> (8 * i))
+
+cdef uint32_t _crc(uint32_t crc, const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    cdef unsigned int step
+    while n > 0:
+        step = <unsigned int>(n if n < CRC_CHUNK else CRC_CHUNK)
+        crc = <uint32_t>zlib_crc32(crc, p, step)
+        p += step
+        n -= step
+    return crc
+
+cdef int _pwrite_all(int fd, iovec *iov, Py_ssize_t count, int64_t offset) noexcept nogil:
+    """Write every part at ``offset`` on, going on after partial writes; 0 or an errno."""
+    cdef Py_ssize_t i = 0
+    cdef ssize_t n
+    while i < count:
+        n = pwritev(fd, iov + i, <int>(count - i if count - i < IOV_MAX else IOV_MAX), offset)
+        if n < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        offset += n
+        while i < count and <size_t>n >= iov[i].iov_len:
+            n -= iov[i].iov_len
+            i += 1
+        if n:
+            iov[i].iov_base = <char *>iov[i].iov_base + n
+            iov[i].iov_len -= n
+    return 0
+
+def commit_records(int fd, int64_t offset, bytes magic, list frames, bint sync=True):
+    """Write ``frames`` ((kind, envelope, body parts) each) as spool records at ``offset``.
+
+    Makes each record's header (CRC included), writes them all with pwritev
+    and, with ``sync``, fdatasyncs, in one release of the GIL.  Returns the
+    bytes written; raises OSError with nothing promised about what reached
+    the file (the spool cuts it off).  The buffers must not change meanwhile
+    (the spool hands over bytes, or bytearrays nobody touches any more).
+    """
+    if len(magic) != 4:
+        raise ValueError("magic must be 4 bytes")
+    cdef Py_ssize_t nframes = len(frames), nparts = 0, nbufs = 0, k = 0, i
+    cdef object frame, part
+    for frame in frames:
+        nparts += 2 + len(frame[2])
+    # iov: header, envelope, body parts, for each record in turn; starts[i]:
+    # where record i's header is (starts[nframes]: the end).
+    cdef unsigned char *headers = <unsigned char *>PyMem_Calloc(nframes + 1, RECORD_HEADER_SIZE)
+    cdef iovec *iov = <iovec *>PyMem_Malloc((nparts + 1) * sizeof(iovec))
+    cdef Py_buffer *bufs = <Py_buffer *>PyMem_Malloc((nparts + 1) * sizeof(Py_buffer))
+    cdef Py_ssize_t *starts = <Py_ssize_t *>PyMem_Malloc((nframes + 1) * sizeof(Py_ssize_t))
+    cdef unsigned char *h
+    cdef int error = 0
+    cdef int64_t total = 0
+    if headers == NULL or iov == NULL or bufs == NULL or starts == NULL:
+        PyMem_Free(headers); PyMem_Free(iov); PyMem_Free(bufs); PyMem_Free(starts)
+        raise MemoryError()
+    try:
+        for i in range(nframes):
+            frame = frames[i]
+            kind = frame[0]
+            if not isinstance(kind, bytes) or len(kind) != 1:
+                raise ValueError("a record kind is one byte")
+            h = headers + i * RECORD_HEADER_SIZE
+            memcpy(h, <const char *>magic, 4)
+            h[4] = (<const unsigned char *>PyBytes_AS_STRING(kind))[0]
+            starts[i] = k
+            iov[k].iov_base = h
+            iov[k].iov_len = RECORD_HEADER_SIZE
+            k += 1
+            PyObject_GetBuffer(frame[1], &bufs[nbufs], PyBUF_SIMPLE)
+            iov[k].iov_base = bufs[nbufs].buf
+            iov[k].iov_len = bufs[nbufs].len
+            nbufs += 1
+            k += 1
+            for part in frame[2]:
+                PyObject_GetBuffer(part, &bufs[nbufs], PyBUF_SIMPLE)
+                iov[k].iov_base = bufs[nbufs].buf
+                iov[k].iov_len = bufs[nbufs].len
+                nbufs += 1
+                k += 1
+        starts[nframes] = k
+        with nogil:
+            error = _commit(fd, offset, headers, iov, starts, nframes, sync, &total)
+    finally:
+        for i in range(nbufs):
+            PyBuffer_Release(&bufs[i])
+        PyMem_Free(headers); PyMem_Free(iov); PyMem_Free(bufs); PyMem_Free(starts)
+    if error:
+        raise OSError(error, os.strerror(error))
+    return total
+
+cdef int _commit(int fd, int64_t offset, unsigned char *headers, iovec *iov, const Py_ssize_t *starts,
+                 Py_ssize_t nframes, bint sync, int64_t *total) noexcept nogil:
+    cdef Py_ssize_t i, j
+    cdef uint32_t crc
+    cdef uint64_t body_len
+    cdef unsigned char *h
+    cdef int error
+    for i in range(nframes):
+        h = headers + i * RECORD_HEADER_SIZE
+        j = starts[i] + 1                       # the envelope
+        crc = _crc(0, <const unsigned char *>iov[j].iov_base, iov[j].iov_len)
+        _put_le(h + 8, iov[j].iov_len, 4)
+        body_len = 0
+        for j in range(starts[i] + 2, starts[i + 1]):
+            crc = _crc(crc, <const unsigned char *>iov[j].iov_base, iov[j].iov_len)
+            body_len += iov[j].iov_len
+        _put_le(h + 12, body_len, 8)
+        _put_le(h + 20, crc, 4)
+        total[0] += RECORD_HEADER_SIZE + iov[starts[i] + 1].iov_len + body_len
+    error = _pwrite_all(fd, iov, starts[nframes], offset)
+    if error or not sync:
+        return error
+    while fdatasync(fd) != 0:
+        if errno != EINTR:
+            return errno
+    return 0

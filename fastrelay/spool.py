@@ -36,6 +36,10 @@ blocks on the disk; completion comes back with one ``call_soon_threadsafe``
 per batch.  One exception: when the server has a single client, nothing else
 waits on the loop, and its commit is written in place on the loop's thread
 (``append_message(in_place=True)``), sparing the two thread hand-offs.
+A batch's headers, CRCs, pwritev and fdatasync are one call into the
+compiled core (``_core.commit_records``): one release of the GIL per batch,
+where Python's calls took it back a dozen times, each time waiting behind
+the busy event loop.
 Segments are allocated ``PREALLOCATE_BYTES`` ahead of the writes, so a
 commit does not also commit a new file size; a finished segment is cut back
 to its records.
@@ -60,6 +64,7 @@ from typing import BinaryIO, NamedTuple
 
 import msgspec
 
+from ._core import commit_records
 from .errors import SpoolError
 
 log = logging.getLogger("fastrelay.spool")
@@ -140,17 +145,6 @@ class QueuedMessage(msgspec.Struct):
     segment: int                     # segment number holding the body
     body_offset: int                 # file offset of the body
     body_len: int
-
-
-def frame(kind: bytes, envelope: bytes, body: Sequence[bytes | bytearray | memoryview]) -> list[bytes | bytearray | memoryview]:
-    """Build the parts of one record (header first) without joining the body."""
-    body_len = 0
-    crc = zlib.crc32(envelope)
-    for part in body:
-        body_len += len(part)
-        crc = zlib.crc32(part, crc)
-    header = _HEADER.pack(MAGIC, kind, len(envelope), body_len, crc)
-    return [header, envelope, *body]
 
 
 def _segment_name(number: int) -> str:
@@ -445,8 +439,8 @@ class Spool:
                 in_place: bool = False, deferrable: bool = False) -> None:
         with self._lock:
             batch = self._pending
-            # The CRC and header are made on the writer thread (zlib.crc32
-            # releases the GIL on large buffers): the loop only hands over.
+            # The CRC and header are made on the writer thread, in
+            # commit_records: the loop only hands over.
             batch.frames.append((kind, env, body))
             batch.futures.append(fut)
             batch.records.append(record)
@@ -589,12 +583,9 @@ class Spool:
             if self._offset >= self.segment_bytes:
                 self._open_segment(self._segment + 1)
                 start = 0
-            parts: list[bytes | bytearray | memoryview] = []
-            for kind, env, body in batch.frames:
-                parts += frame(kind, env, body)
-            self._reserve(start + sum(map(len, parts)))
-            self._writev_all(parts)
-            os.fdatasync(self._fd)
+            size = sum(HEADER_SIZE + len(env) + sum(map(len, body)) for _, env, body in batch.frames)
+            self._reserve(start + size)
+            self._offset = start + commit_records(self._fd, start, MAGIC, batch.frames)
         except OSError as exc:
             # Cut what was partly written so the segment stays a clean log;
             # nothing of this batch was acknowledged.
@@ -640,33 +631,6 @@ class Spool:
                 log.warning("spool: cannot cut the unused end of segment %d: %s", self._segment, exc)
             else:
                 self._reserved = self._offset
-
-    def _writev_all(self, parts: list[bytes | bytearray | memoryview]) -> None:
-        # pwritev at our own offset: the preallocated space lies beyond it.
-        total = sum(map(len, parts))
-        if len(parts) <= 1024:  # IOV_MAX on Linux
-            n = os.pwritev(self._fd, parts, self._offset)
-            self._offset += n
-            if n == total:
-                return
-        else:
-            n = 0
-        # A partial write (or more parts than one call takes): go on from where it stopped.
-        views = [memoryview(p) for p in parts if len(p)]
-        i = 0
-        while i < len(views) and n >= len(views[i]):
-            n -= len(views[i])
-            i += 1
-        if n:
-            views[i] = views[i][n:]
-        while i < len(views):
-            n = os.pwritev(self._fd, views[i:i + 1024], self._offset)
-            self._offset += n
-            while i < len(views) and n >= len(views[i]):
-                n -= len(views[i])
-                i += 1
-            if n:
-                views[i] = views[i][n:]
 
     def _open_segment(self, number: int) -> None:
         if self._fd >= 0:

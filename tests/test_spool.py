@@ -8,9 +8,12 @@ directory, as a restarted relay does.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import struct
 import sys
 import threading
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +21,7 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
+from fastrelay._core import commit_records
 from fastrelay.spool import (
     HEADER_SIZE,
     MAGIC,
@@ -97,6 +101,53 @@ def record_ends(path: Path) -> list[int]:
 
 
 # -- append and recover -----------------------------------------------------------------
+
+
+def test_commit_records_writes_the_records_the_reader_checks(tmp_path: Path) -> None:
+    """The compiled group commit frames records exactly as the format says (zlib's CRC-32 over
+    envelope then body), from any buffer type, and across more parts than one pwritev takes."""
+    many = [bytes([65 + i % 26]) * (i % 7 + 1) for i in range(3000)]   # > IOV_MAX (1024) parts
+    frames: list[tuple[bytes, bytes, list[bytes | bytearray | memoryview]]] = [
+        (b"M", b"envelope-1", [b"Subject: x\r\n", bytearray(b"\r\nbody\r\n"), memoryview(b"z" * 300_000)]),
+        (b"S", b"state", []),
+        (b"M", b"envelope-3", list(many)),
+    ]
+    path = tmp_path / "segment.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"x" * 10)   # records go at the offset given, not at the file's position
+        written = commit_records(fd, 10, MAGIC, frames)
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert len(data) == 10 + written
+    offset = 10
+    for kind, env, body in frames:
+        content = b"".join(bytes(part) for part in body)
+        crc = zlib.crc32(content, zlib.crc32(env))
+        header = struct.pack("<4scxxxIQI", MAGIC, kind, len(env), len(content), crc)
+        assert len(header) == HEADER_SIZE
+        end = offset + HEADER_SIZE + len(env) + len(content)
+        assert data[offset:end] == header + env + content
+        offset = end
+    assert offset == len(data)
+    (tmp_path / "clean.log").write_bytes(data[10:])
+    got = [(kind, env, data[10 + start:10 + start + length])
+           for kind, env, start, length, _ in read_records(tmp_path / "clean.log")]
+    assert got == [(kind, env, b"".join(bytes(p) for p in body)) for kind, env, body in frames]
+
+
+def test_commit_records_raises_the_write_error() -> None:
+    """A failed write is an OSError with its errno (here a real one: /dev/full), never a short count."""
+    fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as failure:
+            commit_records(fd, 0, MAGIC, [(b"M", b"env", [b"body"])])
+    finally:
+        os.close(fd)
+    assert failure.value.errno == errno.ENOSPC
+    with pytest.raises(ValueError):
+        commit_records(1, 0, MAGIC, [(b"MM", b"env", [])])
 
 
 def test_append_then_recover_every_message(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
