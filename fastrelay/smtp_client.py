@@ -568,9 +568,12 @@ class OutboundConnection:
         end at the final dot, starts with RSET (RFC 5321 §4.1.1.5), which also
         proves it is alive: if it is not, StaleConnection says nothing was
         sent.  Straight after a completed transaction the server is already
-        reset (§4.1.1.4), so the next one starts with MAIL, as Postfix does.
+        reset (§4.1.1.4), so the next one starts with MAIL, as Postfix does;
+        a connection kept open that way (a lingering session's) and found
+        closed before any reply is stale too: nothing can have been accepted.
         """
         reused = self.transactions > 0 and not self.ready_for_mail
+        kept = self.transactions > 0 and self.ready_for_mail
         self.ready_for_mail = False
         self.transactions += 1
         hop = f"{self.hop.hostname}[{self.hop.address}]"
@@ -583,7 +586,7 @@ class OutboundConnection:
             except ConnectionLost as exc:
                 # A reused connection whose RSET got no 250 was dead (or closing, 421)
                 # before the transaction began: nothing was sent, try a new one.
-                if reused and (not exc.received or exc.received[0].code != 250):
+                if (reused and (not exc.received or exc.received[0].code != 250)) or (kept and not exc.received):
                     raise StaleConnection(str(exc)) from None
                 raise HopError(f"{exc} with {hop} while sending MAIL FROM", "4.4.2") from None
             except TimeoutError:
@@ -599,7 +602,12 @@ class OutboundConnection:
                 raise StaleConnection(exc.text) from None
             if reset.code != 250:
                 raise StaleConnection(f"RSET answered {reset}")
-        mail_reply = await self.command(mail, "MAIL FROM")
+        try:
+            mail_reply = await self.command(mail, "MAIL FROM")
+        except HopError as exc:
+            if kept and exc.reply is None:
+                raise StaleConnection(exc.text) from None
+            raise
         if mail_reply.code // 100 != 2:
             return mail_reply, [], None
         return mail_reply, [await self.command(rcpt, "RCPT TO") for rcpt in rcpts], None
@@ -659,13 +667,14 @@ class ConnectionCache:
         self.idle_time = idle_time
         self._idle: dict[str, list[tuple[OutboundConnection, asyncio.TimerHandle]]] = {}
 
-    def put(self, key: str, conn: OutboundConnection) -> None:
-        if not conn.usable or self.idle_time <= 0:
+    def put(self, key: str, conn: OutboundConnection, waited: float = 0.0) -> None:
+        """Park ``conn``, idle for ``waited`` seconds already, for the rest of the idle time."""
+        if not conn.usable or self.idle_time - waited <= 0:
             conn.quit()
             return
         conn.ready_for_mail = False   # it may have been closed while it waited: RSET first
         loop = asyncio.get_running_loop()
-        timer = loop.call_later(self.idle_time, self._expire, key, conn)
+        timer = loop.call_later(self.idle_time - waited, self._expire, key, conn)
         self._idle.setdefault(key, []).append((conn, timer))
 
     def take(self, key: str) -> OutboundConnection | None:

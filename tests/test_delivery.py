@@ -610,6 +610,46 @@ def test_messages_to_one_destination_share_a_connection(world: World) -> None:
     wait_drained(relay)
 
 
+def test_a_session_lingers_for_the_next_message_and_sends_it_without_rset(world: World) -> None:
+    """Messages that follow each other closely ride one session: after a completed transaction
+    the next hop is already reset (RFC 5321 §4.1.1.4), so no RSET, no trip through the cache."""
+    world.zone.a("dest.test", "127.0.0.2")
+    sink = world.sink("127.0.0.2")
+    relay = world.start(per_destination=1, idle_time=30)
+    for i in range(4):
+        send(relay, [f"r{i}@dest.test"])
+        sink.wait(i + 1)          # each one delivered before the next arrives: the queue ran dry
+    messages = sink.wait(4)
+    assert len({m.peer for m in messages}) == 1
+    assert sink.verbs().count("MAIL") == 4
+    assert "RSET" not in sink.verbs(), sink.verbs()
+    wait_drained(relay)
+
+
+def test_a_lingering_session_gives_its_slot_to_another_destination(world: World) -> None:
+    """With every session slot taken by a lingering session, a message to another destination
+    is sent at once, not after the linger time (2 s); the lingering connection goes to the
+    cache, and the next message there takes it back with an RSET."""
+    world.zone.a("one.test", "127.0.0.2")
+    world.zone.a("two.test", "127.0.0.3")
+    one = world.sink("127.0.0.2")
+    two = world.sink("127.0.0.3")
+    relay = world.start(idle_time=30, extra="concurrency = 1\n")
+    send(relay, ["a@one.test"])
+    [first] = one.wait(1)
+    sent = time.monotonic()
+    send(relay, ["b@two.test"])
+    two.wait(1)
+    assert time.monotonic() - sent < 1.5
+    [connection] = one.connections
+    assert connection.closed is None               # cached, not closed
+    send(relay, ["c@one.test"])
+    second = one.wait(2)[1]
+    assert second.peer == first.peer
+    assert one.verbs().count("RSET") == 1, one.verbs()
+    wait_drained(relay)
+
+
 def test_a_cached_connection_the_next_hop_closed_is_replaced_without_a_deferral(world: World) -> None:
     world.zone.a("dest.test", "127.0.0.2")
     sink = world.sink("127.0.0.2", idle_timeout=0.5)   # closes idle sessions long before the relay would
