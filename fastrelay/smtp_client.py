@@ -569,8 +569,10 @@ class OutboundConnection:
         proves it is alive: if it is not, StaleConnection says nothing was
         sent.  Straight after a completed transaction the server is already
         reset (§4.1.1.4), so the next one starts with MAIL, as Postfix does;
-        a connection kept open that way (a lingering session's) and found
-        closed before any reply is stale too: nothing can have been accepted.
+        a connection kept open that way (a lingering session's) is stale too
+        when it is found closed before any reply, or its MAIL gets 421 (a
+        server that limits messages per connection says so there): nothing
+        can have been accepted, and a new connection is tried.
         """
         reused = self.transactions > 0 and not self.ready_for_mail
         kept = self.transactions > 0 and self.ready_for_mail
@@ -586,7 +588,8 @@ class OutboundConnection:
             except ConnectionLost as exc:
                 # A reused connection whose RSET got no 250 was dead (or closing, 421)
                 # before the transaction began: nothing was sent, try a new one.
-                if (reused and (not exc.received or exc.received[0].code != 250)) or (kept and not exc.received):
+                if ((reused and (not exc.received or exc.received[0].code != 250))
+                        or (kept and (not exc.received or exc.received[0].code == 421))):
                     raise StaleConnection(str(exc)) from None
                 raise HopError(f"{exc} with {hop} while sending MAIL FROM", "4.4.2") from None
             except TimeoutError:
@@ -594,6 +597,9 @@ class OutboundConnection:
                 raise HopError(f"conversation with {hop} timed out while sending MAIL FROM", "4.4.2") from None
             if reused:
                 replies = replies[1:]
+            if kept and replies[0].code == 421:
+                self.abort()
+                raise StaleConnection(f"{hop} closes the connection: {replies[0]}")
             return replies[0], replies[1:-1], replies[-1]
         if reused:
             try:
@@ -608,6 +614,9 @@ class OutboundConnection:
             if kept and exc.reply is None:
                 raise StaleConnection(exc.text) from None
             raise
+        if kept and mail_reply.code == 421:
+            self.abort()
+            raise StaleConnection(f"{hop} closes the connection: {mail_reply}")
         if mail_reply.code // 100 != 2:
             return mail_reply, [], None
         return mail_reply, [await self.command(rcpt, "RCPT TO") for rcpt in rcpts], None

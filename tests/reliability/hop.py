@@ -59,8 +59,8 @@ class ScriptedHop:
         self._socket.bind(("127.0.0.1", 0))
         self.port: int = self._socket.getsockname()[1]
         self.faults = deque(faults)
-        # After this many transactions a connection is closed at the next RSET (421), as
-        # servers that limit messages per connection do; 0 = no limit.
+        # After this many transactions a connection is closed at the next RSET or MAIL
+        # (421), as servers that limit messages per connection do; 0 = no limit.
         self.messages_per_connection = messages_per_connection
         self.faults_used: list[str] = []
         self.receptions: list[Reception] = []
@@ -159,6 +159,11 @@ class ScriptedHop:
                 mail_from, rcpts = "", []
                 writer.write(b"250 2.0.0 Ok\r\n")
             elif verb == b"MAIL":
+                limit = self.messages_per_connection
+                if limit and transactions >= limit:
+                    writer.write(b"421 4.3.2 hop.test closing: too many messages\r\n")
+                    await writer.drain()
+                    return
                 if fault == "mail421":
                     writer.write(b"421 4.3.2 hop.test shutting down\r\n")
                     await writer.drain()

@@ -17,11 +17,14 @@ import random
 import re
 import smtplib
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 
 import pytest
 from conftest import RelayProcess, queue_id_of
+
+from fastrelay.agent import LINGER
 
 from .helpers import delivery_to, wait_for
 from .hop import AFTER_THE_DOT, FAULTS, Reception, ScriptedHop
@@ -105,10 +108,12 @@ def test_a_next_hop_fault_is_retried_and_the_message_delivered_once(
             hop.start()
         elif fault == "rset421":
             # The second message must find the connection waiting in the cache (only
-            # then does the relay begin with RSET), so it is sent once the first is gone.
+            # then does the relay begin with RSET): it is sent once the first is gone
+            # and the session has stopped lingering (within the 3 s idle time).
             hop.start()
             ids = send(relay, tokens[:1])
             relay.wait_log(f"{ids[tokens[0]]}: removed")
+            time.sleep(LINGER + 0.3)
             ids |= send(relay, tokens[1:])
         else:
             hop.start()
@@ -134,6 +139,30 @@ def test_a_next_hop_fault_is_retried_and_the_message_delivered_once(
         assert "status=sent" in log[log.index("status=deferred"):]
     duplicates = sum(received.values()) - len(tokens)
     assert duplicates <= (1 if fault in AFTER_THE_DOT else 0), received
+
+
+def test_a_next_hop_that_limits_messages_per_connection_costs_no_deferral(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """One message per connection at the hop: each next MAIL on the kept connection gets 421
+    and the connection closes; nothing was accepted, so the relay opens a new one at once."""
+    hop = ScriptedHop(messages_per_connection=1).start()
+    relay = relay_factory(extra=delivery_to(hop.port, command_timeout=1, per_destination=1))
+    tokens = [f"limited-{i}" for i in range(3)]
+    try:
+        ids: dict[str, str] = {}
+        for token in tokens:   # one after another: the session lingers between them
+            ids |= send(relay, [token])
+            hop.wait_acked(len(ids))
+        for qid in ids.values():
+            relay.wait_log(f"{qid}: removed")
+        _, received = check_receptions(hop, tokens)
+    finally:
+        relay.stop()
+        hop.stop()
+    log = relay.log()
+    assert "status=deferred" not in log, log[-3000:]
+    assert received == Counter({t: 1 for t in tokens})
+    assert hop.connections == 3
 
 
 def test_a_flaky_next_hop_under_load_loses_nothing(relay_factory: Callable[..., RelayProcess],
