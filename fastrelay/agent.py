@@ -239,6 +239,7 @@ class SessionPool:
                             conn = None
                         self._finish(transfer, [deferred("internal error (see the log)", "4.3.0")]
                                      * len(transfer.recipients), None)
+                lingered = 0.0
                 if conn is None or not conn.usable or self.closed or self.waiting:
                     break
                 started = self.loop.time()
@@ -264,11 +265,8 @@ class SessionPool:
             return await waiter
         finally:
             timer.cancel()
-            if not waiter.done() or not waiter.result():
-                try:
-                    queue.idle.remove(waiter)
-                except ValueError:
-                    pass
+            if waiter in queue.idle:   # its time was up, or the session was cancelled
+                queue.idle.remove(waiter)
 
     def _send_one_lingering_away(self) -> None:
         """Free a slot held by a lingering session (its connection goes to the cache)."""
