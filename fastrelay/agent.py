@@ -19,8 +19,8 @@ transfer to the destination wakes it: under load the queue runs dry between
 almost every two messages (measured: 4,736 sessions for 8,000 messages in
 bench/e2e.py's 1k-reuse), and a new session per message cost a task, a trip
 through the cache and an RSET each.  A lingering session gives its slot up
-at once when another destination waits for one.  A body is read (and dot-stuffed) once for
-all the transfers of it in flight.  A destination that cannot be reached
+at once when another destination waits for one.  A body is read (and
+dot-stuffed) once for all the transfers of it in flight.  A destination that cannot be reached
 (no next hop answers, or DNS fails for now) is suspended until the first
 ``retry_schedule`` delay has passed: the transfers queued behind the failing
 one, and those that come meanwhile, are deferred at once ("delivery
