@@ -297,6 +297,8 @@ _DUMMY_HASH = _hasher.hash("fastrelay-timing-equaliser")
 _AUTH_CACHE_KEY = secrets.token_bytes(32)
 AUTH_CACHE_SECONDS = 300.0
 AUTH_CACHE_ENTRIES = 100_000
+# Relay decisions remembered per policy (see RelayPolicy.decide); cleared whole when full.
+DECISION_MEMO_ENTRIES = 4096
 
 
 class PasswordVerifier:
@@ -342,6 +344,10 @@ class RelayPolicy:
         # Runtime suspensions (abuse.py: users still sending spam after an alert),
         # an overlay on the immutable Directory; lower-case addresses.
         self.suspended = suspended
+        # The decision is a pure function of the directory (immutable: a reload
+        # builds a new policy), the session facts and the sender, and a relay
+        # sees the same few clients and senders all day: remember it.
+        self._memo: dict[tuple[str, str, bool, str | None, str], RelayDecision] = {}
 
     # -- HELO ------------------------------------------------------------------
 
@@ -365,6 +371,19 @@ class RelayPolicy:
     # -- MAIL FROM ---------------------------------------------------------------
 
     def decide(self, facts: SessionFacts, sender: str) -> RelayDecision:
+        if self.suspended:
+            # The abuse desk's overlay changes at run time; while it names
+            # anyone, every MAIL is decided afresh.
+            return self._decide(facts, sender)
+        key = (facts.client_ip, facts.helo, facts.tls, facts.auth_user, sender)
+        decision = self._memo.get(key)
+        if decision is None:
+            if len(self._memo) >= DECISION_MEMO_ENTRIES:
+                self._memo.clear()
+            decision = self._memo[key] = self._decide(facts, sender)
+        return decision
+
+    def _decide(self, facts: SessionFacts, sender: str) -> RelayDecision:
         directory = self.directory
         account, identified_by = self._identify(facts, sender)
         ip_rules = directory.rules_for_ip(facts.client_ip)

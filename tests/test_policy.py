@@ -59,7 +59,14 @@ from conftest import (
 
 from fastrelay import cli, replies
 from fastrelay.config import load_config
-from fastrelay.policy import Directory, RelayPolicy, SessionFacts, Step, normalize_address
+from fastrelay.policy import (
+    DECISION_MEMO_ENTRIES,
+    Directory,
+    RelayPolicy,
+    SessionFacts,
+    Step,
+    normalize_address,
+)
 
 RCPT = "carol@example.net"
 RCPT2 = "dave@example.net"
@@ -881,6 +888,31 @@ def test_decide_or_first_admitting_rule_wins(policy: RelayPolicy) -> None:
 ])
 def test_decide_and_inside_a_rule(policy: RelayPolicy, f: SessionFacts, sender: str, reply_start: str) -> None:
     assert policy.decide(f, sender).reply.decode().startswith(reply_start)
+
+
+def test_a_remembered_decision_is_the_same_and_follows_runtime_suspensions(
+        policy_config: PolicyConfig) -> None:
+    """decide() remembers its answers, but not across the abuse desk's suspensions."""
+    suspended: set[str] = set()
+    policy = RelayPolicy(Directory(load_config(policy_config.path)), suspended)
+    first = policy.decide(facts("127.0.0.10"), "bob@acme.test")
+    assert first.allowed
+    assert policy.decide(facts("127.0.0.10"), "bob@acme.test") is first
+    # Another fact of the session is another decision.
+    assert not policy.decide(facts("127.0.0.99"), "bob@acme.test").allowed
+    # The overlay is the abuse desk's set, changed in place at run time.
+    suspended.add("bob@acme.test")
+    refused = policy.decide(facts("127.0.0.10"), "bob@acme.test")
+    assert not refused.allowed and refused.reply.decode().startswith(SENDING_DENIED)
+    suspended.clear()
+    assert policy.decide(facts("127.0.0.10"), "bob@acme.test").allowed
+
+
+def test_remembered_decisions_are_bounded(policy_config: PolicyConfig) -> None:
+    policy = RelayPolicy(Directory(load_config(policy_config.path)))
+    for i in range(DECISION_MEMO_ENTRIES + 10):
+        assert policy.decide(facts("127.0.0.10"), f"user{i}@acme.test").allowed
+    assert 0 < len(policy._memo) <= DECISION_MEMO_ENTRIES
 
 
 def test_decide_registered_user_attribution(policy: RelayPolicy) -> None:
