@@ -148,7 +148,10 @@ class RuleVerdict:
 
 @dataclass(slots=True)
 class RelayDecision:
-    """The outcome of MAIL FROM, with what is needed to explain it."""
+    """The outcome of MAIL FROM, with what is needed to explain it.
+
+    Read-only by convention: RelayPolicy.decide hands the same object to
+    every MAIL with the same facts and sender."""
 
     allowed: bool
     reply: bytes                 # the SMTP reply to send
