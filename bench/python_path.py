@@ -34,7 +34,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,7 +59,7 @@ CONTENT = (b"From: <from@example.com>\r\nTo: <to@example.net>\r\nSubject: test\r
 async def measure(variant: str, sessions: int, rounds: int, work: Path) -> float:
     """Main-thread CPU seconds per message for one variant."""
     from capture import CaptureTransport
-    from e2e import FASTRELAY_CONFIG
+    from e2e import FASTRELAY_CONFIG, HOST, free_port
 
     from fastrelay.app import GIL_SWITCH_INTERVAL, Relay
     from fastrelay.config import load_config
@@ -69,10 +68,8 @@ async def measure(variant: str, sessions: int, rounds: int, work: Path) -> float
 
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)   # as app.serve sets it
     os.chdir(work)
-    with socket.socket() as probe:   # a free port for the listener nobody connects to
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    Path("relay.toml").write_text(FASTRELAY_CONFIG.format(host="127.0.0.1", port=port, level="warning",
+    # The listener is bound but nobody connects to it.
+    Path("relay.toml").write_text(FASTRELAY_CONFIG.format(host=HOST, port=free_port(), level="warning",
                                                           delivery=DELIVERY_OFF, tls="", users=""))
     relay = Relay("relay.toml", load_config("relay.toml"))
     running = asyncio.ensure_future(relay.run())
