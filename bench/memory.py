@@ -15,6 +15,11 @@ not in RSS (they are kernel memory), so this is the relay's own cost.  The
 same is done with implicit TLS connections (handshake done, greeting read)
 on a second fresh relay, ``--tls-counts`` (default 1,000).
 
+Calibration (with ``--tls-counts``): the same TLS clients against
+``OpenSslFloor``, a server that keeps one ``ssl.SSLObject`` per connection and
+nothing else: what OpenSSL itself keeps per session, the least a server on
+Python's ``ssl`` can hold per TLS connection.
+
 Part 2, where it goes: the relay's ``SmtpServer`` is run inside this process
 under tracemalloc, a child process opens ``--trace-count`` idle connections,
 and the allocations made for them are grouped by source line; one session is
@@ -37,6 +42,7 @@ import gc
 import resource
 import shutil
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -136,14 +142,13 @@ class IdleClient:
         self.conns.clear()
 
 
-async def measure_process(server: e2e.Server, counts: list[int], sources: list[str], tls: bool,
-                          settle: float) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Open idle connections step by step; the relay's memory at each step."""
-    pid = server.root_pid()
-    ctx = None
-    if tls:
-        ctx = ssl.create_default_context(cafile=str(e2e.tls_files(server.work).ca))
-    port = server.tls_port if tls else server.port
+async def measure_process(pid: int, port: int, counts: list[int], sources: list[str], ca: Path | None,
+                          settle: float, ehlo: bool = True) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Open idle connections step by step; the server's memory at each step.
+
+    ``ca``: connect with TLS (implicit), verifying against this CA file."""
+    tls = ca is not None
+    ctx = ssl.create_default_context(cafile=str(ca)) if ca is not None else None
     rows: list[dict[str, Any]] = []
 
     def snap(label: str, n: int) -> None:
@@ -155,7 +160,8 @@ async def measure_process(server: e2e.Server, counts: list[int], sources: list[s
 
     warm = IdleClient(port, sources, ctx)
     await warm.open_to(10)
-    await warm.ehlo_all()
+    if ehlo:
+        await warm.ehlo_all()
     warm.close_all()
     await asyncio.sleep(settle)
     snap("start (after 10 warm-up)", 0)
@@ -166,7 +172,7 @@ async def measure_process(server: e2e.Server, counts: list[int], sources: list[s
         print(f"  opened {len(client.conns)} in {time.monotonic() - t0:.1f} s", flush=True)
         await asyncio.sleep(settle)
         snap("idle (greeting read)", len(client.conns))
-    if not tls:
+    if not tls and ehlo:
         ok = await client.ehlo_all()
         await asyncio.sleep(settle)
         snap(f"after EHLO on {ok}", len(client.conns))
@@ -174,6 +180,80 @@ async def measure_process(server: e2e.Server, counts: list[int], sources: list[s
     await asyncio.sleep(settle + 1)
     snap("all closed", 0)
     return rows, client.failures
+
+
+# --- calibration: what OpenSSL itself keeps per TLS session ------------------------------------
+
+
+class OpenSslFloor(asyncio.Protocol):
+    """A calibration, NOT a product path: the least a TLS server on Python's ssl can hold.
+
+    Per connection: one ``ssl.SSLObject`` over two ``MemoryBIO``s, driven by
+    hand (no uvloop SSL transport, no read buffer of its own), which sends a
+    greeting once the handshake is done and ignores everything after it.  Its
+    memory per idle connection is what OpenSSL (and the thinnest Python
+    wrapping) costs, so it says how far under it the relay's TLS
+    connections could go at best."""
+
+    __slots__ = ("incoming", "outgoing", "ready", "tls", "transport")
+    context: ssl.SSLContext
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = self.context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.ready = False
+
+    def data_received(self, data: bytes) -> None:
+        self.incoming.write(data)
+        try:
+            if self.ready:
+                self.tls.read(65536)
+            else:
+                self.tls.do_handshake()
+                self.ready = True
+                self.tls.write(b"220 floor.bench.test calibration\r\n")
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError:
+            self.transport.close()
+        out = self.outgoing.read()
+        if out:
+            self.transport.write(out)
+
+
+def openssl_floor_server(port: int, cert: str, key: str) -> int:
+    """Child process: the OpenSSL floor on 127.0.0.1:port until killed."""
+    raise_nofile()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    OpenSslFloor.context = ctx
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_server(OpenSslFloor, e2e.HOST, port, backlog=4096)
+        print("READY", flush=True)
+        await asyncio.Event().wait()
+
+    uvloop.run(run())
+    return 0
+
+
+def measure_openssl_floor(work: Path, counts: list[int], sources: list[str],
+                          settle: float) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    files = e2e.tls_files(work)
+    port = e2e.free_port()
+    child = subprocess.Popen([e2e.PYTHON, __file__, "--openssl-floor", str(port), str(files.cert), str(files.key)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        if child.stdout.readline().strip() != "READY":
+            raise RuntimeError("the OpenSSL floor server did not start")
+        print(f"OpenSSL floor: pid {child.pid}", flush=True)
+        return uvloop.run(measure_process(child.pid, port, counts, sources, files.ca, settle, ehlo=False))
+    finally:
+        child.kill()
+        child.wait()
 
 
 # --- part 2: in-process breakdown --------------------------------------------------------
@@ -311,7 +391,11 @@ def main() -> int:
     ap.add_argument("--hold-client", nargs=2, type=int, metavar=("PORT", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--source-addrs", default="127.0.0.1", help=argparse.SUPPRESS)  # with --hold-client
     ap.add_argument("--hold-tls", action="store_true", help=argparse.SUPPRESS)      # with --hold-client
+    ap.add_argument("--openssl-floor", nargs=3, metavar=("PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.openssl_floor:
+        port, cert, key = args.openssl_floor
+        return openssl_floor_server(int(port), cert, key)
     if args.hold_client:
         return hold_client(args.hold_client[0], args.hold_client[1], args.source_addrs.split(","),
                            args.hold_tls)
@@ -336,14 +420,28 @@ def main() -> int:
             server.features = frozenset({"tls", "implicit"}) if tls else frozenset()
             server.start()
             print(f"{'implicit TLS' if tls else 'plain'}: fastrelay pid {server.root_pid()}", flush=True)
+            ca = e2e.tls_files(server.work).ca if tls else None
+            port = server.tls_port if tls else server.port
             try:
-                rows, failures = uvloop.run(measure_process(server, counts, sources, tls, args.settle))
+                rows, failures = uvloop.run(measure_process(server.root_pid(), port, counts, sources, ca,
+                                                            args.settle))
             finally:
                 server.stop()
                 server.cleanup()
             results["tls" if tls else "plain"] = rows
             title = "Implicit TLS (TLS 1.3 handshake done, greeting read)" if tls else "Plain (greeting read)"
             sections += [f"## {title}", "", *table(rows), ""]
+            if failures:
+                sections += ["Connections that failed: " + "; ".join(f"{k} x{v}" for k, v in failures.items()), ""]
+        if args.tls_counts:
+            rows, failures = measure_openssl_floor(work, sorted(args.tls_counts), sources, args.settle)
+            results["openssl-floor"] = rows
+            sections += ["## Calibration: OpenSSL's own cost per TLS session", "",
+                         ("`OpenSslFloor` (in this script; not a product path): a uvloop server that holds one "
+                          "`ssl.SSLObject` over two `MemoryBIO`s per connection and nothing else, same "
+                          "certificate, same clients. Its cost per connection is what OpenSSL keeps per "
+                          "session after the handshake, plus the thinnest Python wrapping: the least any "
+                          "server on Python's `ssl` could hold."), "", *table(rows), ""]
             if failures:
                 sections += ["Connections that failed: " + "; ".join(f"{k} x{v}" for k, v in failures.items()), ""]
         if args.trace_count:
