@@ -9,6 +9,7 @@ and the old config kept).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -33,6 +34,9 @@ from .tlsutil import server_context
 log = logging.getLogger("fastrelay")
 
 GIL_SWITCH_INTERVAL = 0.0005   # seconds; see serve()
+# Collect the youngest generation after this many new container objects
+# (Python's default is 700); see tune_gc().
+GC_YOUNG_THRESHOLD = 10_000
 
 
 def setup_logging(config: Config) -> None:
@@ -57,10 +61,11 @@ def build_policy(config: Config) -> RelayPolicy:
 
 
 class Relay:
-    def __init__(self, config_path: str | Path, config: Config) -> None:
+    def __init__(self, config_path: str | Path, config: Config, freeze_gc: bool = False) -> None:
         self.config_path = Path(config_path)
         self.config = config
         self.stopped = asyncio.Event()
+        self.freeze_gc = freeze_gc   # see tune_gc(): a process of its own, not a test's relay
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,6 +132,10 @@ class Relay:
         loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.shutdown()))
         loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(self.shutdown()))
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if self.freeze_gc:
+            # Everything built so far (modules, config, policy, listeners) lives
+            # as long as the process: the collector need not scan it again.
+            gc.freeze()
         await self.stopped.wait()
 
     def reload(self) -> None:
@@ -172,6 +181,21 @@ class Relay:
         self.stopped.set()
 
 
+def tune_gc() -> None:
+    """Fewer, larger collections of the young generation.
+
+    Each message makes a few dozen container objects that live until its
+    group commit, so at the default threshold (700) a collection runs every
+    few dozen messages, finds the transactions in flight alive, and moves
+    them to older generations that full collections then scan again (with the
+    whole start-up heap, which Relay.run freezes).  bench/python_path.py: the
+    collector took ~4 us of the ~35 us per message at the defaults, ~2.3 us
+    with this and the freeze; accept rate +5% (1 KiB, 100 sessions, reuse).
+    A young generation of 10,000 objects is a few hundred KiB at most."""
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 def serve(config_path: str) -> int:
     import uvloop
 
@@ -181,7 +205,8 @@ def serve(config_path: str) -> int:
         print(f"fastrelay: {exc}", file=sys.stderr)
         return 2
     setup_logging(config)
-    relay = Relay(config_path, config)
+    relay = Relay(config_path, config, freeze_gc=True)
+    tune_gc()
     # The spool's writer thread needs the GIL for a moment after each group
     # commit, and the clients wait for that moment: at Python's default 5 ms
     # the busy event loop thread holds it long enough to cost 10-15% of the
