@@ -81,7 +81,7 @@ async def measure(variant: str, sessions: int, rounds: int, work: Path) -> float
     server = relay.server
     loop = asyncio.get_running_loop()
     if variant == "no-spool":
-        def answered(self: Spool, envelope: Any, body: Any, in_place: bool = False) -> asyncio.Future[Any]:
+        def answered(self: Spool, envelope: Any, body: Any) -> asyncio.Future[Any]:
             fut = loop.create_future()
             fut.set_result(Location(0, 0, sum(map(len, body))))
             return fut

@@ -966,8 +966,7 @@ class SmtpSession(asyncio.Protocol):
                 return
         envelope, header = self._envelope(content)
         self.busy = True
-        server = self.server
-        future = server.spool.append_message(envelope, (header, content), in_place=len(server.sessions) == 1)
+        future = self.server.spool.append_message(envelope, (header, content))
         future.add_done_callback(partial(self._on_spooled, envelope, len(header) + len(content)))
 
     def _on_spooled(self, envelope: Envelope, size: int, future: asyncio.Future[Location | None]) -> None:

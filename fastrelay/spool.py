@@ -33,9 +33,9 @@ state it had, so a crash between the two leaves the old copy in charge.
 
 The writes and fsyncs happen on one writer thread so the event loop never
 blocks on the disk; completion comes back with one ``call_soon_threadsafe``
-per batch.  One exception: when the server has a single client, nothing else
-waits on the loop, and its commit is written in place on the loop's thread
-(``append_message(in_place=True)``), sparing the two thread hand-offs.
+per batch, even for a lone client: writing its commit on the loop's own
+thread instead (no hand-offs) measured 33% slower here (docs/benchmarks.md,
+twelfth session).
 A batch's headers, CRCs, pwritev and fdatasync are one call into the
 compiled core (``_core.commit_records``): one release of the GIL per batch,
 where Python's calls took it back a dozen times, each time waiting behind
@@ -251,8 +251,6 @@ class Spool:
         self._wakeup = threading.Condition(self._lock)
         self._pending = _Batch()
         self._closing = False
-        self._writing = False        # a batch is being written (by the thread or in place)
-        self._in_place_due = False   # a write in place is scheduled for the end of this loop turn
         self._done_flush: asyncio.TimerHandle | None = None  # flushes deferred "done" records
         self._thread: threading.Thread | None = None
         self._fd = -1
@@ -376,20 +374,12 @@ class Spool:
 
     # -- appending (event loop side) -----------------------------------------
 
-    def append_message(self, envelope: Envelope, body: Sequence[bytes | bytearray | memoryview],
-                       in_place: bool = False) -> asyncio.Future[Location | None]:
-        """Queue a message record; the future resolves to its Location once fsynced.
-
-        ``in_place``: the caller is the only client the loop serves, so
-        nothing else would run while the commit waits.  The batch is then
-        written and fsynced on the loop's own thread at the end of this loop
-        turn, which spares the two thread hand-offs of the writer (about 70 us
-        of a lone client's ~400 us per message here).  With more clients the
-        writer thread keeps the loop free and groups their commits."""
+    def append_message(self, envelope: Envelope,
+                       body: Sequence[bytes | bytearray | memoryview]) -> asyncio.Future[Location | None]:
+        """Queue a message record; the future resolves to its Location once fsynced."""
         env = _env_encoder.encode(envelope)
         fut = self._new_future()
-        self._append(KIND_MESSAGE, env, body, (envelope.queue_id, len(env), sum(map(len, body))), fut,
-                     in_place)
+        self._append(KIND_MESSAGE, env, body, (envelope.queue_id, len(env), sum(map(len, body))), fut)
         return fut
 
     def _keep_recent(self, location: Location, body: Sequence[bytes | bytearray | memoryview]) -> None:
@@ -436,7 +426,7 @@ class Spool:
 
     def _append(self, kind: bytes, env: bytes, body: Sequence[bytes | bytearray | memoryview],
                 record: tuple[str | None, int, int], fut: asyncio.Future[Location | None] | None,
-                in_place: bool = False, deferrable: bool = False) -> None:
+                deferrable: bool = False) -> None:
         with self._lock:
             batch = self._pending
             # The CRC and header are made on the writer thread, in
@@ -451,12 +441,7 @@ class Spool:
                 return
             if not batch.urgent:  # the writer may be waiting for work
                 batch.urgent = True
-                if in_place and not self._writing and self._thread is not None:
-                    self._in_place_due = True
-                    assert self._loop is not None
-                    self._loop.call_soon(self._write_in_place)
-                else:
-                    self._wakeup.notify()
+                self._wakeup.notify()
 
     def sync(self) -> asyncio.Future[None]:
         """Resolves once every record appended before this call is on disk.
@@ -484,28 +469,6 @@ class Spool:
             if self._pending.futures and not self._pending.urgent:
                 self._pending.urgent = True
                 self._wakeup.notify()
-
-    def _write_in_place(self) -> None:
-        with self._lock:
-            self._in_place_due = False
-            if self._writing or not self._pending or self._closing:
-                # The writer took the batch, or is writing one: it goes on
-                # with what is pending when it is done.
-                self._wakeup.notify()
-                return
-            batch, self._pending = self._pending, _Batch()
-            self._writing = True
-        self._on_written(batch, self._write_claimed(batch))
-
-    def _write_claimed(self, batch: _Batch) -> OSError | None:
-        """Write a batch its caller took from ``_pending`` and set ``_writing`` for (under the lock)."""
-        try:
-            return self._write_batch(batch)
-        finally:
-            with self._lock:
-                self._writing = False
-                if self._pending.urgent:  # appended meanwhile, for the writer thread
-                    self._wakeup.notify()
 
     def _forget(self, queue_id: str) -> None:
         segment = self._where.pop(queue_id, None)
@@ -559,16 +522,12 @@ class Spool:
     def _writer(self) -> None:
         while True:
             with self._lock:
-                # A write in place runs on the loop's thread, as close() does, and
-                # refuses once closing: past this wait, nothing else writes.
-                while (not self._pending.urgent or self._in_place_due or self._writing) \
-                        and not self._closing:
+                while not self._pending.urgent and not self._closing:
                     self._wakeup.wait()
                 if not self._pending and self._closing:
                     return
                 batch, self._pending = self._pending, _Batch()
-                self._writing = True
-            error = self._write_claimed(batch)
+            error = self._write_batch(batch)
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(self._on_written, batch, error)
