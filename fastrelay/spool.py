@@ -34,7 +34,7 @@ state it had, so a crash between the two leaves the old copy in charge.
 The writes and fsyncs happen on one writer thread so the event loop never
 blocks on the disk; completion comes back with one ``call_soon_threadsafe``
 per batch, even for a lone client: writing its commit on the loop's own
-thread instead (no hand-offs) measured 33% slower here (docs/benchmarks.md,
+thread instead (no hand-offs) measured 8-33% slower here (docs/benchmarks.md,
 twelfth session).
 A batch's headers, CRCs, pwritev and fdatasync are one call into the
 compiled core (``_core.commit_records``): one release of the GIL per batch,
