@@ -19,6 +19,9 @@ not product paths:
   no-journal    the quota is counted, its journal record is not written
   no-handoff    no hand-off to the queue manager after the 250
   no-data       MAIL, RCPT and RSET only: the envelope commands' cost
+  new-connection  everything, with a new session per message (connection_made,
+                EHLO, the transaction, QUIT, connection_lost), as smtp-source
+                without -d: what a connection adds to full
 
 Run: python bench/python_path.py [--runs 5] [--sessions 100] [--rounds 300]
      [--variants full no-spool ...]
@@ -46,7 +49,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH.parent / "tests"))
 
-VARIANTS = ("full", "no-spool", "no-quota", "no-journal", "no-handoff", "no-data")
+VARIANTS = ("full", "no-spool", "no-quota", "no-journal", "no-handoff", "no-data", "new-connection")
 
 # e2e.py's accept-only fastrelay, so the figures here and there are of one relay.
 DELIVERY_OFF = "\n[delivery]\nenabled = false\n"
@@ -108,15 +111,23 @@ async def measure(variant: str, sessions: int, rounds: int, work: Path) -> float
             round_done.set()
     SmtpSession._resume = counted_resume  # type: ignore[method-assign]
 
-    clients = []
-    for _ in range(sessions):
-        transport = CaptureTransport()
-        session = SmtpSession(server, implicit_tls=False)
-        session.connection_made(transport)
-        session.data_received(b"EHLO client.example.com\r\n")
-        clients.append((session, transport))
+    def connect() -> list[tuple[SmtpSession, CaptureTransport]]:
+        clients = []
+        for _ in range(sessions):
+            transport = CaptureTransport()
+            session = SmtpSession(server, implicit_tls=False)
+            session.connection_made(transport)
+            session.data_received(b"EHLO client.example.com\r\n")
+            clients.append((session, transport))
+        return clients
+
+    new_connections = variant == "new-connection"
+    queued = 0
+    clients = [] if new_connections else connect()
     start = time.thread_time()
     for _ in range(rounds):
+        if new_connections:
+            clients = connect()
         for session, _t in clients:
             session.data_received(b"MAIL FROM:<from@example.com>\r\n")
         for session, _t in clients:
@@ -133,8 +144,13 @@ async def measure(variant: str, sessions: int, rounds: int, work: Path) -> float
             session.data_received(CONTENT)
         if left:
             await round_done.wait()
+        if new_connections:
+            for session, transport in clients:
+                session.data_received(b"QUIT\r\n")
+                session.connection_lost(None)
+                queued += transport.out.count(b"250 2.0.0 Ok: queued")
     spent = time.thread_time() - start
-    queued = sum(bytes(t.out).count(b"250 2.0.0 Ok: queued") for _s, t in clients)
+    queued += sum(t.out.count(b"250 2.0.0 Ok: queued") for _s, t in clients) if not new_connections else 0
     expected = 0 if variant == "no-data" else sessions * rounds
     assert queued == expected, f"{variant}: {queued} messages queued, expected {expected}"
     return spent / (sessions * rounds)   # no shutdown: the process ends (see child)
