@@ -191,7 +191,8 @@ def tune_gc() -> None:
     whole start-up heap, which Relay.run freezes).  bench/python_path.py: the
     collector took ~4 us of the ~35 us per message at the defaults, ~2.3 us
     with this and the freeze; accept rate +5% (1 KiB, 100 sessions, reuse).
-    A young generation of 10,000 objects is a few hundred KiB at most."""
+    What it costs: garbage in reference cycles (rare here) waits a little
+    longer to be freed."""
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
