@@ -216,18 +216,17 @@ class QuotaBook:
             if org.day.would_exceed(n, limits.org_recipients_per_day, now):
                 return self._refuse(txn, "org_recipients_per_day", org.day.total(now), limits.org_recipients_per_day)
         windows = self._user(user) if user is not None else None
-        keys: list[str] = []
+        keys: list[str] = []   # every recipient's, as the user's window counts them
         if windows is not None:
             if windows.messages.would_exceed(1, limits.user_messages_per_day, now):
                 return self._refuse(txn, "user_messages_per_day", windows.messages.total(now), limits.user_messages_per_day)
-            keys = [k for k in {rcpt_key(r) for r in txn.recipients} if not windows.unique.seen(k, now)]
-            if windows.unique.count(now) + len(keys) > limits.user_unique_recipients_per_day:
+            keys = [rcpt_key(r) for r in txn.recipients]
+            unseen = sum(1 for k in set(keys) if not windows.unique.seen(k, now))
+            if windows.unique.count(now) + unseen > limits.user_unique_recipients_per_day:
                 return self._refuse(txn, "user_unique_recipients_per_day", windows.unique.count(now), limits.user_unique_recipients_per_day)
-        self._count(now, account.name if account else None, user.address if user else None, n,
-                    [rcpt_key(r) for r in txn.recipients] if windows is not None else [])
+        self._count(now, account.name if account else None, user.address if user else None, n, keys)
         if self.journal is not None:
-            self.journal.record(now, account.name if account else "", user.address if user else "", n,
-                                [rcpt_key(r) for r in txn.recipients] if windows is not None else [])
+            self.journal.record(now, account.name if account else "", user.address if user else "", n, keys)
         return None
 
     def release(self, txn: QuotaTxn) -> None:
