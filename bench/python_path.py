@@ -64,18 +64,17 @@ async def measure(variant: str, sessions: int, rounds: int, work: Path) -> float
     from capture import CaptureTransport
     from e2e import FASTRELAY_CONFIG, HOST, free_port
 
-    from fastrelay.app import GIL_SWITCH_INTERVAL, Relay, tune_gc
+    from fastrelay.app import GIL_SWITCH_INTERVAL, Relay
     from fastrelay.config import load_config
     from fastrelay.server import SmtpSession
     from fastrelay.spool import Location, Spool
 
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)   # as app.serve sets it, and the collector
-    tune_gc()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)   # as app.serve sets it (and the collector, below)
     os.chdir(work)
     # The listener is bound but nobody connects to it.
     Path("relay.toml").write_text(FASTRELAY_CONFIG.format(host=HOST, port=free_port(), level="warning",
                                                           delivery=DELIVERY_OFF, tls="", users=""))
-    relay = Relay("relay.toml", load_config("relay.toml"), freeze_gc=True)
+    relay = Relay("relay.toml", load_config("relay.toml"), tune_gc=True)
     running = asyncio.ensure_future(relay.run())
     while not hasattr(relay, "status"):    # run() sets it once the server is built
         if running.done():

@@ -35,7 +35,7 @@ log = logging.getLogger("fastrelay")
 
 GIL_SWITCH_INTERVAL = 0.0005   # seconds; see serve()
 # Collect the youngest generation after this many new container objects
-# (Python's default is 700); see tune_gc().
+# (Python's default is 700); see Relay._tune_gc().
 GC_YOUNG_THRESHOLD = 10_000
 
 
@@ -61,11 +61,11 @@ def build_policy(config: Config) -> RelayPolicy:
 
 
 class Relay:
-    def __init__(self, config_path: str | Path, config: Config, freeze_gc: bool = False) -> None:
+    def __init__(self, config_path: str | Path, config: Config, tune_gc: bool = False) -> None:
         self.config_path = Path(config_path)
         self.config = config
         self.stopped = asyncio.Event()
-        self.freeze_gc = freeze_gc   # see tune_gc(): a process of its own, not a test's relay
+        self.tune_gc = tune_gc   # see _tune_gc(): a process of its own, not a test's relay
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -132,10 +132,8 @@ class Relay:
         loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.shutdown()))
         loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(self.shutdown()))
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        if self.freeze_gc:
-            # Everything built so far (modules, config, policy, listeners) lives
-            # as long as the process: the collector need not scan it again.
-            gc.freeze()
+        if self.tune_gc:
+            self._tune_gc()
         await self.stopped.wait()
 
     def reload(self) -> None:
@@ -180,21 +178,23 @@ class Relay:
         log.info("shutdown: done")
         self.stopped.set()
 
+    @staticmethod
+    def _tune_gc() -> None:
+        """Freeze the start-up heap; fewer, larger collections of the young generation.
 
-def tune_gc() -> None:
-    """Fewer, larger collections of the young generation.
-
-    Each message makes a few dozen container objects that live until its
-    group commit, so at the default threshold (700) a collection runs every
-    few dozen messages, finds the transactions in flight alive, and moves
-    them to older generations that full collections then scan again (with the
-    whole start-up heap, which Relay.run freezes).  bench/python_path.py: the
-    collector took ~4 us of the ~35 us per message at the defaults, ~2.3 us
-    with this and the freeze; accept rate +5% (1 KiB, 100 sessions, reuse).
-    What it costs: garbage in reference cycles (rare here) waits a little
-    longer to be freed."""
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+        Everything built before serving (modules, config, policy, listeners)
+        lives as long as the process: the collector need not scan it again.
+        Each message makes a few dozen container objects that live until its
+        group commit, so at the default threshold (700) a collection runs every
+        few dozen messages, finds the transactions in flight alive, and moves
+        them to older generations that full collections then scan again.
+        bench/python_path.py: the collector took ~4 us of the ~35 us per
+        message at the defaults, ~2.3 us with this; accept rate +5% (1 KiB,
+        100 sessions, reuse).  What it costs: garbage in reference cycles (rare
+        here) waits a little longer to be freed."""
+        gc.freeze()
+        _, older, oldest = gc.get_threshold()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def serve(config_path: str) -> int:
@@ -206,8 +206,7 @@ def serve(config_path: str) -> int:
         print(f"fastrelay: {exc}", file=sys.stderr)
         return 2
     setup_logging(config)
-    relay = Relay(config_path, config, freeze_gc=True)
-    tune_gc()
+    relay = Relay(config_path, config, tune_gc=True)
     # The spool's writer thread needs the GIL for a moment after each group
     # commit, and the clients wait for that moment: at Python's default 5 ms
     # the busy event loop thread holds it long enough to cost 10-15% of the
