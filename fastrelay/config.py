@@ -42,6 +42,11 @@ class ServerConfig(Section, frozen=True):
     max_message_size: int = 26_214_400
     max_connections: int = 10_000
     max_connections_per_ip: int = 100
+    # Message content held in memory during DATA, all sessions together.  A
+    # session's content stays in memory until its final dot (the spool writes
+    # whole records), so without a bound 1,000 clients sending 25 MB at once
+    # would need 25 GB; past it new content is refused with 452 4.3.1.
+    max_data_memory: int = 1 << 30
     # "reject": a bare CR or LF in DATA refuses the message (SMTP smuggling defence).
     # "normalize": a bare LF in content is taken as CRLF (legacy devices).
     bare_newline: Literal["reject", "normalize"] = "reject"
@@ -401,6 +406,9 @@ def validate(config: Config) -> None:
                 fail(f"server.{key}", f"missing certificate file {f} (or set tls_self_signed = true)")
     if s.max_message_size < 1024:
         fail("server.max_message_size", "must be at least 1024 bytes")
+    if s.max_data_memory < s.max_message_size:
+        fail("server.max_data_memory",
+             f"must be at least max_message_size ({s.max_message_size} bytes), or no message that large fits")
     if s.max_hops < 2:
         fail("server.max_hops", "must be at least 2")
     for key in ("max_connections", "max_connections_per_ip"):

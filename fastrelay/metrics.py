@@ -16,6 +16,7 @@ Names carry the ``fastrelay_`` prefix; labels follow postfix_exporter
 =============================================== ======= ==========================================
 fastrelay_smtpd_connections_total               counter connections accepted
 fastrelay_smtpd_connections_open                gauge   sessions open now
+fastrelay_smtpd_data_memory_bytes               gauge   message content held in DATA (max_data_memory)
 fastrelay_smtpd_connections_refused_total       counter {reason}: max_connections,
                                                         max_connections_per_ip, shutting_down
 fastrelay_smtpd_messages_accepted_total         counter transactions queued (250 to DATA)
@@ -131,6 +132,9 @@ def snapshot(relay: Any) -> list[Metric]:
         out.append(_counter("fastrelay_smtpd_connections", "SMTP connections accepted", c["connections"]))
         out.append(GaugeMetricFamily("fastrelay_smtpd_connections_open", "SMTP sessions open",
                                      value=len(server.sessions)))
+        out.append(GaugeMetricFamily("fastrelay_smtpd_data_memory_bytes",
+                                     "message content held in memory by sessions in DATA",
+                                     value=getattr(server, "data_bytes", 0)))
         out.append(_labelled(CounterMetricFamily, "fastrelay_smtpd_connections_refused",
                              "SMTP connections refused with 421, by reason", ["reason"],
                              {(k,): v for k, v in getattr(server, "connection_refusals", {}).items()}))

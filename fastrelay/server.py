@@ -16,8 +16,8 @@ CRLF only.  In DATA only ``<CR><LF>.<CR><LF>`` ends the message, and with
 ``bare_newline = "reject"`` a message containing a bare CR or LF is refused
 whole.
 
-Config keys read: [server] hostname, max_message_size, max_connections,
-max_connections_per_ip, bare_newline, command_timeout, data_timeout,
+Config keys read: [server] hostname, max_message_size, max_data_memory,
+max_connections, max_connections_per_ip, bare_newline, command_timeout, data_timeout,
 tls_handshake_timeout, drain_timeout, auth_failures_before_delay,
 auth_failures_before_lockout, auth_failure_window, auth_lockout.
 """
@@ -150,6 +150,9 @@ class SmtpServer:
         self.on_queued = on_queued
         self.sessions: set[SmtpSession] = set()
         self.per_ip: dict[str, int] = {}
+        # Message content the sessions hold in memory, until each one's final
+        # dot hands it to the spool (bounded by server.max_data_memory).
+        self.data_bytes = 0
         self.draining = False
         self._servers: list[asyncio.base_events.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -278,7 +281,7 @@ class SmtpSession(asyncio.Protocol):
         "closing", "draining", "discarding", "tls_pending", "tls", "tls_info", "helo", "esmtp",
         "auth_user", "last_activity", "reading_paused", "writing_paused", "_auth_login_user",
         "command", "_unsent", "decision", "quota_txn", "sender", "recipients", "smtputf8",
-        "body_8bit", "dot_lines", "declared_size", "chunks", "data_size", "tail", "oversize",
+        "body_8bit", "dot_lines", "declared_size", "chunks", "data_size", "held", "tail", "dropped",
     )
 
     def __init__(self, server: SmtpServer, implicit_tls: bool) -> None:
@@ -307,6 +310,7 @@ class SmtpSession(asyncio.Protocol):
         # Replies to the commands of the current read, not yet written; a
         # command that closes the session writes them first (RFC 2920 order).
         self._unsent: list[bytes] = []
+        self.held = 0
         self._reset_transaction()
 
     def _reset_transaction(self) -> None:
@@ -319,10 +323,19 @@ class SmtpSession(asyncio.Protocol):
         self.dot_lines = False      # some content line starts with "." (to stuff again on delivery)
         self.declared_size = 0
         # DATA framing
-        self.chunks: list[bytes | memoryview] = []
+        self._release_content()
         self.data_size = 0
         self.tail = CRLF           # the last bytes seen, to find a terminator split across reads
-        self.oversize = False
+        # The reply and logged reason that refuse the content being read: it
+        # is read to its end but not kept (too big, or no memory left for it).
+        self.dropped: tuple[bytes, str] | None = None
+
+    def _release_content(self) -> None:
+        """Drop the content read so far, and its share of server.max_data_memory."""
+        self.chunks: list[bytes | memoryview] = []
+        if self.held:
+            self.server.data_bytes -= self.held
+            self.held = 0
 
     # -- connection life ---------------------------------------------------------
 
@@ -348,6 +361,7 @@ class SmtpSession(asyncio.Protocol):
             log.info("disconnect from %s[%s]", self.helo or "unknown", self.client_ip)
         self.state = State.CLOSED
         self.closing = True
+        self._release_content()
         self.server.unregister(self)
 
     def eof_received(self) -> bool | None:
@@ -673,10 +687,20 @@ class SmtpSession(asyncio.Protocol):
             return replies.NEED_MAIL if self.state in (State.READY, State.GREETED) else replies.BAD_SEQUENCE
         if not self.recipients:
             return replies.NO_VALID_RECIPIENTS
+        server = self.server
+        limit = self.cfg.max_data_memory
+        if server.data_bytes >= limit or server.data_bytes + self.declared_size > limit:
+            # Say so before the client sends it all (it keeps the transaction
+            # and may try DATA again, or come back later).
+            log.info("NOQUEUE: reject: DATA from %s[%s]: too much mail in transit: %d bytes in memory "
+                     "(server.max_data_memory = %d); from=<%s> nrcpt=%d", self.helo, self.client_ip,
+                     server.data_bytes, limit, self.sender, len(self.recipients))
+            return replies.DATA_MEMORY_FULL
         self.state = State.DATA
-        self.chunks = []
+        self._release_content()
         self.data_size = 0
         self.tail = CRLF
+        self.dropped = None
         return replies.START_DATA
 
     def _cmd_rset(self, arg: str) -> bytes | None:
@@ -885,33 +909,47 @@ class SmtpSession(asyncio.Protocol):
         return True
 
     def _store(self, data: bytes | memoryview) -> None:
-        if self.oversize or not data:
+        if self.dropped is not None or not data:
             return
-        self.data_size += len(data)
+        n = len(data)
+        self.data_size += n
         # RFC 1870: the size excludes the doubled dots, and up to ".\r" of the
         # terminator may be stored before it is recognised; the exact check is
         # on the unstuffed content in _end_of_data.  A dot-stuffed stream is at
         # most 4/3 of its content ("." -> "..\r\n").
         if self.data_size > self.cfg.max_message_size + self.cfg.max_message_size // 3 + 4:
             # Keep reading to the end of DATA but stop buffering (RFC 5321 §4.5.3.1.10).
-            self.oversize = True
-            self.chunks = []
+            self._drop(replies.MESSAGE_TOO_BIG, "message too big")
             return
+        server = self.server
+        if server.data_bytes + n > self.cfg.max_data_memory:
+            self._drop(replies.DATA_MEMORY_FULL, f"too much mail in transit: {server.data_bytes} bytes in memory "
+                                                 f"(server.max_data_memory = {self.cfg.max_data_memory})")
+            return
+        server.data_bytes += n
+        self.held += n
         self.chunks.append(data)
 
+    def _drop(self, reply: bytes, why: str) -> None:
+        self.dropped = (reply, why)
+        self._release_content()
+
     def _unstore(self, n: int) -> None:
-        if self.oversize:
+        if self.dropped is not None:
             return
         content = b"".join(self.chunks)
         self.chunks = [content[:-n]]
         self.data_size -= n
+        self.held -= n
+        self.server.data_bytes -= n
 
     def _end_of_data(self) -> None:
-        if self.oversize:
-            self._finish_transaction(replies.MESSAGE_TOO_BIG, "message too big")
+        if self.dropped is not None:
+            self._finish_transaction(*self.dropped)
             return
         chunks = self.chunks
-        self.chunks = []
+        # From here the content belongs to the spool's batch, until written.
+        self._release_content()
         # One chunk is the content as it came (bytes, or a view of the read
         # ending before the terminator); several are joined, in one copy.
         content: bytes | memoryview = chunks[0] if len(chunks) == 1 else b"".join(chunks)

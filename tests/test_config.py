@@ -79,6 +79,8 @@ BAD = [
      "bad listen address: 'localhost' does not appear to be an IPv4 or IPv6 address"),
     ("listen-no-port", ('"[::1]:2525"', '"127.0.0.2"'), {}, "server.listen[1]",
      "bad listen address: '127.0.0.2': missing port (host:port)"),
+    ("data-memory-below-message-size", ('spool_dir = "spool"', 'spool_dir = "spool"\nmax_data_memory = 1048576'), {},
+     "server.max_data_memory", "must be at least max_message_size (26214400 bytes), or no message that large fits"),
     ("listen-bad-port", ('"127.0.0.1:4465"', '"127.0.0.1:65536"'), {}, "server.listen_tls[0]",
      "bad listen address: '127.0.0.1:65536': bad port '65536'"),
     ("cidr-syntax", ("192.0.2.0/24", "192.0.2.300/24"), {}, "accounts[0].rules[0].ips[0].range", "bad CIDR"),

@@ -15,6 +15,9 @@ are bounded in count and in time.  What each test proves:
   of making the relay buffer the replies, and flow control starts over after
   STARTTLS;
 * DATA far beyond max_message_size is not buffered and ends in 552 5.3.4;
+* many large messages at once are held in memory only up to
+  max_data_memory: past it, content and DATA get 452 4.3.1, and every
+  message that fitted is queued;
 * random bytes, in commands and in DATA, never break the relay;
 * TLS handshakes that never finish are closed after tls_handshake_timeout.
 """
@@ -29,10 +32,20 @@ import socket
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 
 import pytest
-from conftest import HOSTNAME, Certs, RawClient, RelayProcess, TlsRawClient, queue_id_of, start_tls
+from conftest import (
+    HOSTNAME,
+    Certs,
+    RawClient,
+    RelayProcess,
+    TlsRawClient,
+    free_port,
+    queue_id_of,
+    start_tls,
+)
 
 from fastrelay import replies
 
@@ -383,6 +396,65 @@ def test_data_beyond_max_message_size_is_not_buffered(relay_factory: Factory,
     queue_id = send_message(client, "after the flood")
     client.close()
     assert [env.queue_id for env, _ in relay.queued()] == [queue_id]  # type: ignore[attr-defined]
+
+
+def data_memory(metrics_port: int) -> int:
+    """The relay's fastrelay_smtpd_data_memory_bytes gauge, scraped."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith("fastrelay_smtpd_data_memory_bytes "):
+                return int(float(line.split()[1]))
+    raise AssertionError("no fastrelay_smtpd_data_memory_bytes in the scrape")
+
+
+def test_large_messages_at_once_stay_within_max_data_memory(relay_factory: Factory) -> None:
+    metrics_port = free_port()
+    relay = relay_factory(server_extra="max_message_size = 1048576\nmax_data_memory = 3145728",
+                          extra=f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n')
+    content = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 900     # 900 KiB, under the 1 MiB limit
+    held = len(content)    # each one's share while its final dot has not come
+
+    def in_data(client: RawClient, size: int = 0) -> bytes:
+        ehlo(client)
+        param = f" SIZE={size}" if size else ""
+        assert client.cmd(f"MAIL FROM:<bob@example.com>{param}".encode())[:3] == b"250"
+        assert client.cmd(b"RCPT TO:<carol@dest.test>")[:3] == b"250"
+        return client.cmd(b"DATA")
+
+    # Three messages fit (2.7 MB of 3 MiB) and are held until their final dots.
+    fitting = [RawClient(relay.port, timeout=30) for _ in range(3)]
+    for i, client in enumerate(fitting, 1):
+        assert in_data(client)[:3] == b"354"
+        client.send(content)
+        wait_for(lambda i=i: data_memory(metrics_port) == i * held, 20, f"{i} message(s) held")  # type: ignore[misc]
+    # A fourth does not fit: it is read to its end, not kept, and refused.
+    over = RawClient(relay.port, timeout=30)
+    assert in_data(over)[:3] == b"354"
+    over.send(content)
+    assert over.cmd(b".") == wire(replies.DATA_MEMORY_FULL)
+    assert data_memory(metrics_port) == 3 * held
+    # A client that declares its SIZE is told at DATA, before it sends anything.
+    declared = RawClient(relay.port, timeout=30)
+    assert in_data(declared, size=len(content)) == wire(replies.DATA_MEMORY_FULL)
+    # A session that drops its connection mid-DATA gives its share back.
+    dropped = RawClient(relay.port, timeout=30)
+    assert in_data(dropped)[:3] == b"354"
+    dropped.send(content[:100_000])
+    wait_for(lambda: data_memory(metrics_port) > 3 * held, 20, "the dropped session's content held")
+    dropped.close()
+    wait_for(lambda: data_memory(metrics_port) == 3 * held, 20, "the dropped session's share given back")
+    # The held messages all end well, and then the refused ones go through.
+    ids = [queue_id_of(client.cmd(b".")) for client in fitting]
+    assert data_memory(metrics_port) == 0
+    assert declared.cmd(b"DATA")[:3] == b"354"     # the same transaction, DATA again
+    ids.append(queue_id_of(declared.cmd(content + b".")))
+    ids.append(send_message(over, "after the 452"))
+    queued = {env.queue_id: body for env, body in relay.queued()}  # type: ignore[attr-defined]
+    assert sorted(queued) == sorted(ids)
+    assert all(body.endswith(content) for qid, body in queued.items() if qid != ids[-1])
+    relay.wait_log("too much mail in transit: ")
+    for client in (*fitting, over, declared):
+        client.close()
 
 
 # --- garbage ---------------------------------------------------------------------------------
