@@ -13,6 +13,7 @@ Sections: [server], [[accounts]] (with [[accounts.users]], [[accounts.rules]]),
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -42,11 +43,12 @@ class ServerConfig(Section, frozen=True):
     max_message_size: int = 26_214_400
     max_connections: int = 10_000
     max_connections_per_ip: int = 100
-    # Message content held in memory during DATA, all sessions together.  A
-    # session's content stays in memory until its final dot (the spool writes
-    # whole records), so without a bound 1,000 clients sending 25 MB at once
-    # would need 25 GB; past it new content is refused with 452 4.3.1.
-    max_data_memory: int = 1 << 30
+    # Message content held in memory, all sessions together, from its first
+    # byte until the spool has written it (the spool writes whole records):
+    # without a bound 1,000 clients sending 25 MB at once would need 25 GB.
+    # Past it new content is refused with 452 4.3.1.  0: a quarter of the
+    # machine's memory (data_memory_limit()).
+    max_data_memory: int = 0
     # "reject": a bare CR or LF in DATA refuses the message (SMTP smuggling defence).
     # "normalize": a bare LF in content is taken as CRLF (legacy devices).
     bare_newline: Literal["reject", "normalize"] = "reject"
@@ -66,6 +68,17 @@ class ServerConfig(Section, frozen=True):
     auth_failures_before_lockout: int = 10
     auth_failure_window: float = 600.0
     auth_lockout: float = 900.0
+
+
+def data_memory_limit(server: ServerConfig) -> int:
+    """server.max_data_memory in bytes: as set, or a quarter of the machine's memory."""
+    if server.max_data_memory:
+        return server.max_data_memory
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        physical = 4 << 30
+    return max(physical // 4, server.max_message_size)
 
 
 # --- [[accounts]] -------------------------------------------------------------
@@ -406,7 +419,7 @@ def validate(config: Config) -> None:
                 fail(f"server.{key}", f"missing certificate file {f} (or set tls_self_signed = true)")
     if s.max_message_size < 1024:
         fail("server.max_message_size", "must be at least 1024 bytes")
-    if s.max_data_memory < s.max_message_size:
+    if s.max_data_memory and s.max_data_memory < s.max_message_size:
         fail("server.max_data_memory",
              f"must be at least max_message_size ({s.max_message_size} bytes), or no message that large fits")
     if s.max_hops < 2:

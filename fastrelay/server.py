@@ -46,7 +46,7 @@ from ._core import (
     scan_content,
 )
 from .addresses import parse_path_argument
-from .config import Config, ServerConfig
+from .config import Config, ServerConfig, data_memory_limit
 from .errors import SpoolError
 from .logs import MailLog
 from .policy import (
@@ -150,8 +150,8 @@ class SmtpServer:
         self.on_queued = on_queued
         self.sessions: set[SmtpSession] = set()
         self.per_ip: dict[str, int] = {}
-        # Message content the sessions hold in memory, until each one's final
-        # dot hands it to the spool (bounded by server.max_data_memory).
+        # Message content the sessions hold in memory, from its first byte
+        # until the spool has written it (bounded by server.max_data_memory).
         self.data_bytes = 0
         self.draining = False
         self._servers: list[asyncio.base_events.Server] = []
@@ -173,6 +173,7 @@ class SmtpServer:
         self.hostname = config.server.hostname
         self.auth_throttle = AuthThrottle(config.server)
         self.banner = f"220 {self.hostname} ESMTP fastrelay\r\n".encode()
+        self.data_memory_limit = data_memory_limit(config.server)
         size = config.server.max_message_size
         common = ["PIPELINING", f"SIZE {size}", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
         plain = common + (["STARTTLS"] if self.tls_context else [])
@@ -688,7 +689,7 @@ class SmtpSession(asyncio.Protocol):
         if not self.recipients:
             return replies.NO_VALID_RECIPIENTS
         server = self.server
-        limit = self.cfg.max_data_memory
+        limit = server.data_memory_limit
         if server.data_bytes >= limit or server.data_bytes + self.declared_size > limit:
             # Say so before the client sends it all (it keeps the transaction
             # and may try DATA again, or come back later).
@@ -922,9 +923,9 @@ class SmtpSession(asyncio.Protocol):
             self._drop(replies.MESSAGE_TOO_BIG, "message too big")
             return
         server = self.server
-        if server.data_bytes + n > self.cfg.max_data_memory:
+        if server.data_bytes + n > server.data_memory_limit:
             self._drop(replies.DATA_MEMORY_FULL, f"too much mail in transit: {server.data_bytes} bytes in memory "
-                                                 f"(server.max_data_memory = {self.cfg.max_data_memory})")
+                                                 f"(server.max_data_memory = {server.data_memory_limit})")
             return
         server.data_bytes += n
         self.held += n
@@ -948,8 +949,10 @@ class SmtpSession(asyncio.Protocol):
             self._finish_transaction(*self.dropped)
             return
         chunks = self.chunks
-        # From here the content belongs to the spool's batch, until written.
-        self._release_content()
+        # The content keeps its share of max_data_memory until the spool has
+        # written it (_reset_transaction gives it back): under a burst of
+        # large messages it is the spool's pending batch that holds them.
+        self.chunks = []
         # One chunk is the content as it came (bytes, or a view of the read
         # ending before the terminator); several are joined, in one copy.
         content: bytes | memoryview = chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -7,6 +7,7 @@ from ``serve`` (which must not start, and must not print a traceback).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Certs
 
-from fastrelay.config import load_config, parse_duration
+from fastrelay.config import ServerConfig, data_memory_limit, load_config, parse_duration
 from fastrelay.errors import ConfigError
 
 FASTRELAY = [sys.executable, "-m", "fastrelay"]
@@ -218,3 +219,9 @@ def test_unloadable_certificate_refused(tmp_path: Path, certs: Certs) -> None:
                                            ("2w", 1209600), ("30", 30), (45, 45), ("1.5h", 5400)])
 def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_max_data_memory_is_a_quarter_of_the_machine_unless_set() -> None:
+    machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert data_memory_limit(ServerConfig()) == machine // 4
+    assert data_memory_limit(ServerConfig(max_data_memory=64 << 20)) == 64 << 20
