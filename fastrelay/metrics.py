@@ -16,7 +16,8 @@ Names carry the ``fastrelay_`` prefix; labels follow postfix_exporter
 =============================================== ======= ==========================================
 fastrelay_smtpd_connections_total               counter connections accepted
 fastrelay_smtpd_connections_open                gauge   sessions open now
-fastrelay_smtpd_data_memory_bytes               gauge   message content held in DATA (max_data_memory)
+fastrelay_smtpd_data_memory_bytes               gauge   message content in memory, DATA to spool write
+                                                        (bounded by max_data_memory)
 fastrelay_smtpd_connections_refused_total       counter {reason}: max_connections,
                                                         max_connections_per_ip, shutting_down
 fastrelay_smtpd_messages_accepted_total         counter transactions queued (250 to DATA)
@@ -133,7 +134,7 @@ def snapshot(relay: Any) -> list[Metric]:
         out.append(GaugeMetricFamily("fastrelay_smtpd_connections_open", "SMTP sessions open",
                                      value=len(server.sessions)))
         out.append(GaugeMetricFamily("fastrelay_smtpd_data_memory_bytes",
-                                     "message content held in memory by sessions in DATA",
+                                     "message content in memory, from DATA until the spool has written it",
                                      value=getattr(server, "data_bytes", 0)))
         out.append(_labelled(CounterMetricFamily, "fastrelay_smtpd_connections_refused",
                              "SMTP connections refused with 421, by reason", ["reason"],
