@@ -3,7 +3,7 @@
 Runs each part of bench/ one after the other, never two at once (they would
 share the two cores and measure each other):
 
-  e2e       bench/e2e.py --full      micro benchmarks, the 23 smtp-source cases against every
+  e2e       bench/e2e.py --full      micro benchmarks, the 25 smtp-source cases against every
                                      server, accept + delivery against Postfix relaying
   tls       bench/e2e.py --tls       STARTTLS, implicit TLS and AUTH rows (fastrelay bench)
   generator bench/e2e.py --check-generator   fastrelay bench against smtp-source on the plain path
