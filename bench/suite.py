@@ -21,7 +21,7 @@ Usage:
   ./scripts/bench --all   (the same, after installing the peers)
 
 --quick is a smoke test of the whole chain (few messages, short runs): its
-figures are not for comparison.  The full suite takes about 90 minutes here.
+figures are not for comparison.  The full suite takes about 75 minutes here.
 """
 
 from __future__ import annotations
