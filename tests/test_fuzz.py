@@ -144,9 +144,11 @@ class Harness:
                 if settle[i % len(settle)] if settle else False:
                     await _until(lambda: not session.busy)
             await _until(lambda: not session.busy)
-            if not transport.closed:
-                session.connection_lost(None)
-            return bytes(transport.out), transport.closed
+            closed = transport.closed
+            session.connection_lost(None)   # as the loop does, after the relay's close too
+            # Every byte counted against max_data_memory was given back, at any read boundaries.
+            assert server.data_bytes == 0, f"{server.data_bytes} bytes of content still counted"
+            return bytes(transport.out), closed
         finally:
             spool.close()
 
