@@ -81,6 +81,7 @@ class StatusReporter:
             "connections": {"open": len(server.sessions), "total": server.counters["connections"],
                             "refused": server.counters["refused_connections"]},
             "accepted": {"messages": server.counters["messages"], "recipients": server.counters["recipients"]},
+            "data_memory": {"held": server.data_bytes, "limit": server.data_memory_limit},
             "rates": {"messages_1m": m1, "recipients_1m": r1, "messages_5m": m5, "recipients_5m": r5},
             "queue": {"states": dict(states), "scanning": scanning, "total": len(delivery.entries),
                       "oldest_age": now - oldest},
@@ -99,6 +100,8 @@ def render(s: dict[str, Any]) -> str:
         f"connections: {s['connections']['open']} open, {s['connections']['total']} total, "
         f"{s['connections']['refused']} refused",
         f"accepted: {s['accepted']['messages']} messages, {s['accepted']['recipients']} recipients",
+        f"message content in memory: {s['data_memory']['held'] / 2**20:.1f} MiB of "
+        f"{s['data_memory']['limit'] / 2**20:.0f} MiB (max_data_memory)",
         f"rates: {s['rates']['messages_1m']:.1f} msg/s, {s['rates']['recipients_1m']:.1f} rcpt/s (1 min); "
         f"{s['rates']['messages_5m']:.1f} msg/s (5 min)",
         "queue: " + (", ".join(f"{k} {v}" for k, v in sorted(s["queue"]["states"].items())) or "empty")
