@@ -135,7 +135,7 @@ def snapshot(relay: Any) -> list[Metric]:
                                      value=len(server.sessions)))
         out.append(GaugeMetricFamily("fastrelay_smtpd_data_memory_bytes",
                                      "message content in memory, from DATA until the spool has written it",
-                                     value=getattr(server, "data_bytes", 0)))
+                                     value=server.data_bytes))
         out.append(_labelled(CounterMetricFamily, "fastrelay_smtpd_connections_refused",
                              "SMTP connections refused with 421, by reason", ["reason"],
                              {(k,): v for k, v in getattr(server, "connection_refusals", {}).items()}))

@@ -693,12 +693,10 @@ class SmtpSession(asyncio.Protocol):
         if server.data_bytes >= limit or server.data_bytes + self.declared_size > limit:
             # Say so before the client sends it all (it keeps the transaction
             # and may try DATA again, or come back later).
-            log.info("NOQUEUE: reject: DATA from %s[%s]: too much mail in transit: %d bytes in memory "
-                     "(server.max_data_memory = %d); from=<%s> nrcpt=%d", self.helo, self.client_ip,
-                     server.data_bytes, limit, self.sender, len(self.recipients))
+            self._log_data_refusal(self._memory_full())
             return replies.DATA_MEMORY_FULL
         self.state = State.DATA
-        self._release_content()
+        self.chunks = []
         self.data_size = 0
         self.tail = CRLF
         self.dropped = None
@@ -924,12 +922,16 @@ class SmtpSession(asyncio.Protocol):
             return
         server = self.server
         if server.data_bytes + n > server.data_memory_limit:
-            self._drop(replies.DATA_MEMORY_FULL, f"too much mail in transit: {server.data_bytes} bytes in memory "
-                                                 f"(server.max_data_memory = {server.data_memory_limit})")
+            self._drop(replies.DATA_MEMORY_FULL, self._memory_full())
             return
         server.data_bytes += n
         self.held += n
         self.chunks.append(data)
+
+    def _memory_full(self) -> str:
+        server = self.server
+        return (f"too much mail in transit: {server.data_bytes} bytes in memory "
+                f"(server.max_data_memory = {server.data_memory_limit})")
 
     def _drop(self, reply: bytes, why: str) -> None:
         self.dropped = (reply, why)
@@ -984,11 +986,14 @@ class SmtpSession(asyncio.Protocol):
 
     def _finish_transaction(self, reply: bytes, why: str) -> None:
         self.server.count_refusal(self, reply)
-        log.info("NOQUEUE: reject: DATA from %s[%s]: %s; from=<%s> nrcpt=%d",
-                 self.helo, self.client_ip, why, self.sender, len(self.recipients))
+        self._log_data_refusal(why)
         self._reset_transaction()
         self.state = State.READY
         self.transport.write(reply)
+
+    def _log_data_refusal(self, why: str) -> None:
+        log.info("NOQUEUE: reject: DATA from %s[%s]: %s; from=<%s> nrcpt=%d",
+                 self.helo, self.client_ip, why, self.sender, len(self.recipients))
 
     def _queue(self, content: bytes | memoryview) -> None:
         """End of DATA: count the quota, write the spool, answer when durable.
