@@ -380,6 +380,9 @@ class QuotaJournal:
         self._pending: list[bytes] = []
         self._fd = -1
         self._tasks: list[asyncio.Task[None]] = []
+        # The journal write running in a thread.  It outlives a cancelled flush, so the
+        # descriptor it writes to is closed only once it is done.
+        self._writing: asyncio.Future[None] | None = None
 
     # -- recovery ---------------------------------------------------------------
 
@@ -445,14 +448,29 @@ class QuotaJournal:
             self.book.prune()
 
     async def flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._pending:
-            return
+        await self._settle()
+        if self._pending:
+            data, self._pending = b"".join(self._pending), []
+            await self._write(loop, self._fd, data)
+
+    async def _settle(self) -> None:
+        """Wait until no journal write is in flight (one at a time keeps the order)."""
+        while self._writing is not None and not self._writing.done():
+            await asyncio.wait([self._writing])
+
+    async def _write(self, loop: asyncio.AbstractEventLoop, fd: int, data: bytes, close: bool = False) -> None:
+        writing = self._writing = loop.run_in_executor(None, _write_sync, fd, data, close)
+        writing.add_done_callback(_log_write_error)
+        await asyncio.wait([writing])   # a cancelled flush does not stop the thread: _settle waits for it
+
+    def _switch_journal(self) -> tuple[int, int, bytes]:
+        """Events from now on go to the next journal; returns the old one's number and
+        descriptor, and the events counted but not yet written, which belong to it."""
+        old_fd, covered = self._fd, self.number
         data, self._pending = b"".join(self._pending), []
-        fd = self._fd
-        try:
-            await loop.run_in_executor(None, _write_sync, fd, data)
-        except OSError as exc:
-            log.error("quota: journal write failed: %s", exc)
+        self._fd = -1
+        self._open(covered + 1)
+        return covered, old_fd, data
 
     async def _snapshotter(self) -> None:
         while True:
@@ -460,11 +478,14 @@ class QuotaJournal:
             await self.snapshot_in_child()
 
     async def snapshot_in_child(self) -> None:
-        """Fork: the child sees a frozen copy of every window and writes it out."""
+        """Fork: the child sees a frozen copy of every window and writes it out.
+
+        The fork, the switch to the next journal and the hand-over of the unwritten
+        events to the old one happen with no await between them, so each event is
+        either in the snapshot and the journals it covers, or after both."""
         loop = asyncio.get_running_loop()
-        await self.flush(loop)
-        covered = self.number
-        self._open(covered + 1)  # events from now on go to the next journal
+        await self._settle()
+        covered, old_fd, data = self._switch_journal()
         pid = os.fork()
         if pid == 0:  # child: no logging, no event loop; just write and leave
             code = 0
@@ -473,6 +494,7 @@ class QuotaJournal:
             except BaseException:
                 code = 1
             os._exit(code)
+        await self._write(loop, old_fd, data, close=True)
         _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
         if os.waitstatus_to_exitcode(status) == 0:
             for number, path in self._journals():
@@ -502,8 +524,9 @@ class QuotaJournal:
             task.cancel()
         loop = asyncio.get_running_loop()
         await self.flush(loop)
-        covered = self.number
-        self._open(covered + 1)
+        await self._settle()
+        covered, old_fd, data = self._switch_journal()
+        await self._write(loop, old_fd, data, close=True)
         try:
             self._write_snapshot(covered + 1)
         except OSError as exc:
@@ -516,12 +539,22 @@ class QuotaJournal:
         self._fd = -1
 
 
-def _write_sync(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-    os.fdatasync(fd)
+def _log_write_error(writing: asyncio.Future[None]) -> None:
+    if not writing.cancelled() and writing.exception() is not None:
+        log.error("quota: journal write failed: %s", writing.exception())
+
+
+def _write_sync(fd: int, data: bytes, close: bool = False) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        if data:
+            os.fdatasync(fd)
+    finally:
+        if close:
+            os.close(fd)
 
 
 def _read_events(path: Path) -> list[QuotaEvent]:

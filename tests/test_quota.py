@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import smtplib
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from fastrelay import replies
 from fastrelay.config import load_config
 from fastrelay.policy import Directory, RelayPolicy, SessionFacts
-from fastrelay.quota import QuotaBook
+from fastrelay.quota import QuotaBook, QuotaJournal
 
 from conftest import free_port
 
@@ -315,3 +316,41 @@ def test_redis_unreachable_allow(relay_factory) -> None:  # type: ignore[no-unty
     _, data = send(relay.port, "alice@example.com", ["one@x.net"])
     assert data is not None and data[0] == 250
 
+
+
+# -- the journal and its snapshots -----------------------------------------------------
+
+
+def test_snapshot_taken_while_a_flush_is_in_flight_counts_each_event_once(tmp_path: Path) -> None:
+    """A message counted while the journal is being written must land in exactly one of the
+    snapshot and the journals after it: in both, it would count twice after a restart."""
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[server]\nhostname = "relay.example.test"\nlisten = ["127.0.0.1:2525"]\n'
+                   + ACCOUNTS.format(status="active"))
+    config = load_config(cfg)
+    policy = RelayPolicy(Directory(config))
+    state = tmp_path / "quota"
+    state.mkdir()
+
+    async def counted_then_restored() -> tuple[int, int]:
+        book = QuotaBook(config)
+        journal = QuotaJournal(book, state, flush_interval=3600, snapshot_interval=3600)
+        book.journal = journal
+        journal.restore()
+        loop = asyncio.get_running_loop()
+        assert transaction(book, policy, "alice@example.com", ["a@x"]) == [None, None]
+        flushing = loop.create_task(journal.flush(loop))
+        await asyncio.sleep(0)            # its write is now in a thread
+        assert transaction(book, policy, "alice@example.com", ["b@x"]) == [None, None]
+        snapshot = loop.create_task(journal.snapshot_in_child())
+        await asyncio.sleep(0)            # the snapshot waits for the journal to be written
+        assert transaction(book, policy, "alice@example.com", ["c@x"]) == [None, None]  # before its fork
+        await asyncio.gather(flushing, snapshot)
+        assert transaction(book, policy, "alice@example.com", ["d@x"]) == [None, None]
+        assert book.usage("alice@example.com") == (4, 4)
+        await journal.flush(loop)         # then a crash: no final snapshot
+        again = QuotaBook(config)
+        QuotaJournal(again, state, flush_interval=3600, snapshot_interval=3600).restore()
+        return again.usage("alice@example.com")
+
+    assert asyncio.run(counted_then_restored()) == (4, 4)
