@@ -13,6 +13,7 @@ import gc
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from . import events, logs
@@ -65,6 +66,8 @@ class Relay:
         self.config_path = Path(config_path)
         self.config = config
         self.stopped = asyncio.Event()
+        self._shutdown: asyncio.Task[None] | None = None
+        self.exit_status = 0
         self.tune_gc = tune_gc   # see _tune_gc(): a process of its own, not a test's relay
 
     async def run(self) -> None:
@@ -129,8 +132,8 @@ class Relay:
         log.info("fastrelay listening on %s%s", ", ".join(config.server.listen),
                  f"; implicit TLS on {', '.join(config.server.listen_tls)}" if config.server.listen_tls else "")
         self.metrics: MetricsServer | None = start_metrics(config, self, loop)
-        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.shutdown()))
-        loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(self.shutdown()))
+        loop.add_signal_handler(signal.SIGTERM, self.stop_requested, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self.stop_requested, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         if self.tune_gc:
             self._tune_gc()
@@ -156,25 +159,45 @@ class Relay:
         log.info("reload: config %s loaded (%d account(s), %d user(s))",
                  self.config_path, len(config.accounts), policy.directory.user_count())
 
-    async def shutdown(self) -> None:
-        if self.stopped.is_set():
+    def stop_requested(self, signal_name: str) -> None:
+        # One shutdown however many signals: two running side by side closed
+        # every resource twice.  A message answered 250 is already on disk, so
+        # an operator in a hurry can SIGKILL without losing it.
+        if self._shutdown is not None:
+            log.warning("shutdown: already under way (%s ignored); draining ends within %.0fs",
+                        signal_name, self.config.server.drain_timeout)
             return
+        self._shutdown = asyncio.get_running_loop().create_task(self.shutdown())
+
+    async def shutdown(self) -> None:
+        """Drain, then close each part; a part that fails is logged and the rest still close,
+        so the process always exits (with status 1 when something failed)."""
         log.info("shutdown: draining connections (up to %.0fs)", self.config.server.drain_timeout)
-        await asyncio.gather(self.server.drain(self.config.server.drain_timeout),
-                             self.delivery.stop(self.config.server.drain_timeout))
-        self.status.stop()
-        await self.abuse.close(self.config.server.drain_timeout)
-        if self.archive is not None:
-            await self.archive.close(self.config.server.drain_timeout)
-        if self.metrics is not None:
-            self.metrics.close()
-        await events.shutdown()
-        self.control.close()
+        timeout = self.config.server.drain_timeout
+        steps: list[tuple[str, Callable[[], Awaitable[object] | None]]] = [
+            ("drain", lambda: asyncio.gather(self.server.drain(timeout), self.delivery.stop(timeout))),
+            ("status", self.status.stop),
+            ("abuse", lambda: self.abuse.close(timeout)),
+        ]
+        archive, metrics = self.archive, self.metrics
+        if archive is not None:
+            steps.append(("archive", lambda: archive.close(timeout)))
+        if metrics is not None:
+            steps.append(("metrics", metrics.close))
+        steps += [("events", events.shutdown), ("control", self.control.close)]
         if self.quota_journal is not None:
-            await self.quota_journal.close()
+            steps.append(("quota journal", self.quota_journal.close))
         elif not isinstance(self.quota, QuotaBook):
-            await self.quota.close()
-        self.spool.close()
+            steps.append(("quota backend", self.quota.close))
+        steps.append(("spool", self.spool.close))
+        for name, step in steps:
+            try:
+                pending = step()
+                if pending is not None:
+                    await pending
+            except Exception:
+                log.exception("shutdown: closing the %s failed", name)
+                self.exit_status = 1
         log.info("shutdown: done")
         self.stopped.set()
 
@@ -220,4 +243,4 @@ def serve(config_path: str) -> int:
     except OSError as exc:
         print(f"fastrelay: cannot start: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return relay.exit_status

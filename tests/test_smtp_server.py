@@ -16,6 +16,7 @@ import base64
 import random
 import re
 import select
+import shutil
 import signal
 import smtplib
 import socket
@@ -708,6 +709,46 @@ def test_sigterm_lets_an_open_transaction_finish(relay_factory: object) -> None:
     [(envelope, body)] = relay.queued()
     assert envelope.queue_id == queue_id  # type: ignore[attr-defined]
     assert body.endswith(b"\r\nSubject: drain\r\n\r\nfinished\r\n")
+
+
+def test_signals_repeated_during_the_drain_stop_the_relay_once(relay_factory: object) -> None:
+    """An operator who sends SIGTERM again, or presses Ctrl-C, while the relay drains:
+    one shutdown, not two running side by side (which closed the quota journal twice,
+    died with a traceback and left the process running)."""
+    relay: RelayProcess = relay_factory()  # type: ignore[operator]
+    client = RawClient(relay.port)
+    try:
+        assert client.cmd(EHLO)[:3] == b"250"
+        client.send(MAIL + RCPT_LINE + b"DATA\r\n" + b"Subject: twice\r\n\r\n")
+        assert [client.reply() for _ in range(3)][-1] == wire(replies.START_DATA)
+        assert relay.proc is not None
+        relay.proc.send_signal(signal.SIGTERM)
+        relay.wait_log("shutdown: draining")
+        relay.proc.send_signal(signal.SIGTERM)
+        relay.proc.send_signal(signal.SIGINT)
+        relay.wait_log("shutdown: already under way")
+        queue_id = queue_id_of(client.cmd(b"finished\r\n.\r\n"))
+        assert client.reply() == wire(replies.SHUTTING_DOWN)
+    finally:
+        client.close()
+    assert relay.proc.wait(20) == 0
+    relay.stop()
+    log = relay.log()
+    assert log.count("shutdown: draining") == 1 and log.count("shutdown: done") == 1, log[-3000:]
+    assert "Traceback" not in log and "Error" not in log, log[-3000:]
+    [(envelope, _)] = relay.queued()
+    assert envelope.queue_id == queue_id  # type: ignore[attr-defined]
+
+
+def test_a_part_that_fails_to_close_is_logged_and_the_relay_still_exits(relay_factory: object) -> None:
+    """Someone removed the quota state directory under the running relay: its final snapshot
+    cannot be written.  The shutdown says so, closes everything else, and exits 1."""
+    relay: RelayProcess = relay_factory()  # type: ignore[operator]
+    shutil.rmtree(relay.directory / "var" / "quota")
+    assert relay.stop() == 1
+    log = relay.log()
+    assert "shutdown: closing the quota journal failed" in log and "No such file or directory" in log, log[-3000:]
+    assert log.count("shutdown: done") == 1
 
 
 ONE_RULE = """
