@@ -425,10 +425,13 @@ class QuotaJournal:
         return out
 
     def _open(self, number: int) -> None:
+        fd = self._open_journal(number)
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd = os.open(self.directory / f"journal.{number}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.number = number
+        self._fd, self.number = fd, number
+
+    def _open_journal(self, number: int) -> int:
+        return os.open(self.directory / f"journal.{number}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     # -- running -------------------------------------------------------------------
 
@@ -466,10 +469,10 @@ class QuotaJournal:
     def _switch_journal(self) -> tuple[int, int, bytes]:
         """Events from now on go to the next journal; returns the old one's number and
         descriptor, and the events counted but not yet written, which belong to it."""
-        old_fd, covered = self._fd, self.number
+        covered = self.number
+        new_fd = self._open_journal(covered + 1)   # if this fails, nothing has changed
+        old_fd, self._fd, self.number = self._fd, new_fd, covered + 1
         data, self._pending = b"".join(self._pending), []
-        self._fd = -1
-        self._open(covered + 1)
         return covered, old_fd, data
 
     async def _snapshotter(self) -> None:
@@ -485,7 +488,11 @@ class QuotaJournal:
         either in the snapshot and the journals it covers, or after both."""
         loop = asyncio.get_running_loop()
         await self._settle()
-        covered, old_fd, data = self._switch_journal()
+        try:
+            covered, old_fd, data = self._switch_journal()
+        except OSError as exc:
+            log.error("quota: snapshot skipped, the next journal cannot be opened: %s", exc)
+            return
         pid = os.fork()
         if pid == 0:  # child: no logging, no event loop; just write and leave
             code = 0

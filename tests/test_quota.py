@@ -354,3 +354,35 @@ def test_snapshot_taken_while_a_flush_is_in_flight_counts_each_event_once(tmp_pa
         return again.usage("alice@example.com")
 
     assert asyncio.run(counted_then_restored()) == (4, 4)
+
+
+def test_a_snapshot_that_cannot_open_the_next_journal_is_skipped_and_counting_goes_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The state directory vanished under the relay: the snapshot says so and changes nothing;
+    the journal in use keeps taking events (its descriptor is still open)."""
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[server]\nhostname = "relay.example.test"\nlisten = ["127.0.0.1:2525"]\n'
+                   + ACCOUNTS.format(status="active"))
+    config = load_config(cfg)
+    policy = RelayPolicy(Directory(config))
+    state = tmp_path / "quota"
+    state.mkdir()
+
+    async def run() -> None:
+        book = QuotaBook(config)
+        journal = QuotaJournal(book, state, flush_interval=3600, snapshot_interval=3600)
+        book.journal = journal
+        journal.restore()
+        loop = asyncio.get_running_loop()
+        assert transaction(book, policy, "alice@example.com", ["a@x"]) == [None, None]
+        shutil.rmtree(state)
+        number = journal.number
+        await journal.snapshot_in_child()
+        assert journal.number == number
+        assert transaction(book, policy, "alice@example.com", ["b@x"]) == [None, None]
+        await journal.flush(loop)
+        assert book.usage("alice@example.com") == (2, 2)
+
+    asyncio.run(run())
+    assert "quota: snapshot skipped, the next journal cannot be opened" in caplog.text
+    assert "journal write failed" not in caplog.text
