@@ -554,10 +554,9 @@ class Spool:
             except OSError:
                 pass
             self._offset = start
-            if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO):
-                log.error("spool: cannot write: %s", exc)
-            else:
-                log.exception("spool: write failed")
+            # One line whatever the errno (EACCES after a chown, EFBIG, ...): the error says
+            # what the operator must fix, and a traceback of this function would add nothing.
+            log.error("spool: cannot write: %s", exc)
             self.failed = exc
             return exc
         self.failed = None
