@@ -591,6 +591,12 @@ class OutboundConnection:
                 if ((reused and (not exc.received or exc.received[0].code != 250))
                         or (kept and (not exc.received or exc.received[0].code == 421))):
                     raise StaleConnection(str(exc)) from None
+                answered = exc.received[1:] if reused else exc.received
+                if answered and answered[0].code // 100 != 2:
+                    # The server answered MAIL (a 421 says why it closes) and hung up:
+                    # its reply is the reason to log, not "lost connection".
+                    self.abort()
+                    return answered[0], [], None
                 raise HopError(f"{exc} with {hop} while sending MAIL FROM", "4.4.2") from None
             except TimeoutError:
                 self.abort()

@@ -84,7 +84,7 @@ DEFERRAL = {
     "refused": "Connection refused",
     "greet421": "refused to talk to me: 421 4.3.2 hop.test busy",
     "stall_greeting": "timed out while receiving the initial server greeting",
-    "mail421": "while sending MAIL FROM",
+    "mail421": "said: 421 4.3.2 hop.test shutting down (in reply to MAIL FROM command)",
     "drop_in_data": "while sending end of data -- message may be sent more than once",
     "data451": "said: 451 4.3.0 hop.test try again later (in reply to end of DATA command)",
     "drop_at_dot": "lost connection with 127.0.0.1[127.0.0.1] while sending end of data -- message may be sent more than once",
