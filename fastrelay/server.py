@@ -660,7 +660,8 @@ class SmtpSession(asyncio.Protocol):
                 return self._rcpt_verdict(rcpt, replies.NULL_SENDER_ONE_RCPT)
         quota, txn = self.server.quota, self.quota_txn
         if quota is None or txn is None:
-            if len(self.recipients) >= 100:
+            # No quota book (an in-process harness): the configured transaction limit still holds.
+            if len(self.recipients) >= self.server.config.limits.active.recipients_per_transaction:
                 return replies.TOO_MANY_RCPTS
             self.recipients.append(rcpt)
             return replies.RCPT_OK

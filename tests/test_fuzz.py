@@ -53,6 +53,7 @@ from fastrelay import replies
 from fastrelay.app import build_policy
 from fastrelay.config import Config, load_config
 from fastrelay.policy import RelayPolicy
+from fastrelay.quota import QuotaBook
 from fastrelay.server import SmtpServer, SmtpSession
 from fastrelay.smtp_client import dot_stuff
 from fastrelay.spool import Spool
@@ -60,6 +61,7 @@ from fastrelay.spool import Spool
 HOSTNAME = "relay.example.test"
 MAX_SIZE = 2048          # small, so that the size limit is met often
 MAX_LINE = 512           # RFC 5321 §4.5.3.1.4, with its CRLF
+MAX_RCPTS = 5            # recipients per transaction: small, so that the limit is met often
 
 CONFIG = """
 [server]
@@ -78,6 +80,9 @@ name = "loopback"
 allowed_senders = "my_domains"
 only_allowed_ips = true
 ips = [ {{ range = "127.0.0.0/24" }} ]
+
+[limits.active]
+recipients_per_transaction = {max_rcpts}
 
 [delivery]
 enabled = false
@@ -107,7 +112,8 @@ class Harness:
 
     def __init__(self, bare_newline: str, directory: Path) -> None:
         path = directory / f"relay-{bare_newline}.toml"
-        path.write_text(CONFIG.format(hostname=HOSTNAME, max_size=MAX_SIZE, bare_newline=bare_newline))
+        path.write_text(CONFIG.format(hostname=HOSTNAME, max_size=MAX_SIZE, bare_newline=bare_newline,
+                                     max_rcpts=MAX_RCPTS))
         self.config: Config = load_config(path)
         self.policy: RelayPolicy = build_policy(self.config)
 
@@ -130,7 +136,9 @@ class Harness:
         spool.recover()
         spool.start(loop)
         try:
-            server = SmtpServer(self.config, self.policy, spool)
+            # The relay's own quota book, fresh for each input: the transaction limit is
+            # checked where the relay checks it, and nothing is carried between inputs.
+            server = SmtpServer(self.config, self.policy, spool, quota=QuotaBook(self.config))
             transport = CaptureTransport()
             session = SmtpSession(server, implicit_tls=False)
             session.connection_made(transport)
@@ -258,6 +266,9 @@ class Rfc5321Model:
         if command in RCPTS:
             if state != "mail":
                 self._say(wire(replies.NEED_MAIL))
+                return state, recipients
+            if recipients >= MAX_RCPTS:
+                self._say(wire(replies.TOO_MANY_RCPTS))     # §4.5.3.1.10
                 return state, recipients
             self._say(wire(replies.RCPT_OK))
             return state, recipients + 1
@@ -410,6 +421,18 @@ def test_every_split_of_one_session_matches_the_model(harnesses: dict[str, Harne
         for cut in range(1, len(stream)):
             check(harnesses[mode], stream, [cut], [cut % 2 == 0])
 
+
+
+def test_the_recipient_limit_matches_the_model(harnesses: dict[str, Harness]) -> None:
+    """More RCPTs than recipients_per_transaction, a nested MAIL between them (atheris found
+    the model had no limit, and the harness's quota-less relay a fixed 100), cut anywhere."""
+    stream = (b"".join(TRANSACTION[:2]) + RCPTS[0] + b"\r\n" + MAIL + b"\r\n"
+              + b"".join(r + b"\r\n" for r in (RCPTS * MAX_RCPTS)[:MAX_RCPTS + 1])
+              + b"DATA\r\nbody\r\n.\r\n" + MAIL + b"\r\n" + RCPTS[1] + b"\r\nQUIT\r\n")
+    model = Rfc5321Model("reject").run(stream)
+    assert [r[0][:3] for r in model.replies].count(b"452") == 2 and len(model.stored) == 1
+    for cut in range(1, len(stream), 7):
+        check(harnesses["reject"], stream, [cut], [cut % 2 == 0])
 
 # -- smuggling: differential end-of-data detection --------------------------------------------------
 
