@@ -13,6 +13,7 @@ Sections: [server], [[accounts]] (with [[accounts.users]], [[accounts.rules]]),
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -295,6 +296,8 @@ _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0
 def parse_duration(value: str | int | float) -> float:
     """"5d", "1h", "90s", "10m" or a number of seconds."""
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not a finite duration")
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
@@ -424,12 +427,13 @@ def validate(config: Config) -> None:
              f"must be at least max_message_size ({s.max_message_size} bytes), or no message that large fits")
     if s.max_hops < 2:
         fail("server.max_hops", "must be at least 2")
-    for key in ("max_connections", "max_connections_per_ip"):
-        if getattr(s, key) < 1:
-            fail(f"server.{key}", "must be at least 1")
-    for key in ("command_timeout", "data_timeout", "tls_handshake_timeout"):
-        if getattr(s, key) <= 0:
-            fail(f"server.{key}", "must be positive")
+    check = NumberCheck(fail)
+    for key in ("max_connections", "max_connections_per_ip", "auth_failures_before_delay",
+                "auth_failures_before_lockout"):
+        check.at_least(f"server.{key}", getattr(s, key), 1)
+    for key in ("command_timeout", "data_timeout", "tls_handshake_timeout", "auth_failure_window", "auth_lockout"):
+        check.positive(f"server.{key}", getattr(s, key))
+    check.not_negative("server.drain_timeout", s.drain_timeout)
 
     seen_domains: dict[str, str] = {}
     for ai, account in enumerate(config.accounts):
@@ -484,7 +488,20 @@ def validate(config: Config) -> None:
             if getattr(limits, field) < 1:
                 fail(f"limits.{status}.{field}", "must be at least 1")
 
+    q = config.quota
+    for key in ("redis_timeout", "flush_interval", "snapshot_interval"):
+        check.positive(f"quota.{key}", getattr(q, key))
+
     delivery = config.delivery
+    for key in ("concurrency", "per_destination_concurrency"):
+        check.at_least(f"delivery.{key}", getattr(delivery, key), 1)
+    for key in ("connect_timeout", "command_timeout"):
+        check.positive(f"delivery.{key}", getattr(delivery, key))
+    check.not_negative("delivery.connection_idle_time", delivery.connection_idle_time)
+    if not 1 <= delivery.mx_port <= 65535:
+        fail("delivery.mx_port", "must be a port, 1 to 65535")
+    if not delivery.retry_schedule:
+        fail("delivery.retry_schedule", "needs at least one delay (the last one repeats)")
     for key, value in (("delivery.max_queue_lifetime", delivery.max_queue_lifetime),
                        ("delivery.delay_warning", delivery.delay_warning)):
         try:
@@ -493,9 +510,11 @@ def validate(config: Config) -> None:
             fail(key, str(exc))
     for i, delay in enumerate(delivery.retry_schedule):
         try:
-            parse_duration(delay)
+            seconds = parse_duration(delay)
         except ValueError as exc:
             fail(f"delivery.retry_schedule[{i}]", str(exc))
+        # A zero delay would retry an unreachable destination in a tight loop.
+        check.positive(f"delivery.retry_schedule[{i}]", seconds)
     for i, ns in enumerate(delivery.nameservers):
         try:
             host, _ = parse_hostport(ns, 53)
@@ -561,12 +580,37 @@ def _validate_abuse(config: Config, fail: Any) -> None:
         fail("abuse.alert_min_spam", "must be at least 1")
     if not 0.0 <= ab.alert_spam_ratio <= 1.0:
         fail("abuse.alert_spam_ratio", "must be between 0 and 1")
+    check = NumberCheck(fail)
     for key in ("scan_timeout", "builtin_threshold", "builtin_volume_factor"):
-        if getattr(ab, key) <= 0:
-            fail(f"abuse.{key}", "must be positive")
+        check.positive(f"abuse.{key}", getattr(ab, key))
     for key in ("concurrency", "spam_scan_max_size", "builtin_many_recipients", "builtin_volume_min"):
-        if getattr(ab, key) < 1:
-            fail(f"abuse.{key}", "must be at least 1")
+        check.at_least(f"abuse.{key}", getattr(ab, key), 1)
+
+
+class NumberCheck:
+    """Range checks for numbers read from TOML, which has nan and inf: ``value <= 0``
+    is False for nan, so each check first asks for a finite number."""
+
+    def __init__(self, fail: Any) -> None:
+        self.fail = fail
+
+    def _finite(self, key: str, value: float) -> None:
+        if not math.isfinite(value):
+            self.fail(key, f"{value} is not a finite number")
+
+    def positive(self, key: str, value: float) -> None:
+        self._finite(key, value)
+        if value <= 0:
+            self.fail(key, "must be positive")
+
+    def not_negative(self, key: str, value: float) -> None:
+        self._finite(key, value)
+        if value < 0:
+            self.fail(key, "must not be negative")
+
+    def at_least(self, key: str, value: int, minimum: int) -> None:
+        if value < minimum:
+            self.fail(key, f"must be at least {minimum}")
 
 
 def _looks_like_address(value: str) -> bool:

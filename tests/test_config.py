@@ -225,3 +225,41 @@ def test_max_data_memory_is_a_quarter_of_the_machine_unless_set() -> None:
     machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert data_memory_limit(ServerConfig()) == machine // 4
     assert data_memory_limit(ServerConfig(max_data_memory=64 << 20)) == 64 << 20
+
+
+# Numbers that loaded although the relay cannot work with them: each is refused by name.
+# TOML allows nan and inf, and a check written as `value <= 0` lets nan through.
+BAD_NUMBERS = [
+    ("server", "drain_timeout = -1", "server.drain_timeout", "must not be negative"),
+    ("server", "command_timeout = nan", "server.command_timeout", "nan is not a finite number"),
+    ("server", "data_timeout = inf", "server.data_timeout", "inf is not a finite number"),
+    ("server", "auth_failures_before_delay = 0", "server.auth_failures_before_delay", "must be at least 1"),
+    ("server", "auth_failures_before_lockout = 0", "server.auth_failures_before_lockout", "must be at least 1"),
+    ("server", "auth_failure_window = 0", "server.auth_failure_window", "must be positive"),
+    ("server", "auth_lockout = -5.0", "server.auth_lockout", "must be positive"),
+    ("quota", "flush_interval = 0", "quota.flush_interval", "must be positive"),
+    ("quota", "snapshot_interval = -5", "quota.snapshot_interval", "must be positive"),
+    ("quota", "redis_timeout = nan", "quota.redis_timeout", "nan is not a finite number"),
+    ("delivery", "concurrency = 0", "delivery.concurrency", "must be at least 1"),
+    ("delivery", "per_destination_concurrency = -3", "delivery.per_destination_concurrency", "must be at least 1"),
+    ("delivery", "connect_timeout = 0", "delivery.connect_timeout", "must be positive"),
+    ("delivery", "command_timeout = inf", "delivery.command_timeout", "inf is not a finite number"),
+    ("delivery", "connection_idle_time = -1", "delivery.connection_idle_time", "must not be negative"),
+    ("delivery", "mx_port = 70000", "delivery.mx_port", "must be a port, 1 to 65535"),
+    ("delivery", "retry_schedule = []", "delivery.retry_schedule", "at least one delay"),
+    ("delivery", 'retry_schedule = ["1m", "0s"]', "delivery.retry_schedule[1]", "must be positive"),
+    ("abuse", "scan_timeout = nan", "abuse.scan_timeout", "nan is not a finite number"),
+    ("abuse", "builtin_threshold = inf", "abuse.builtin_threshold", "inf is not a finite number"),
+]
+
+
+@pytest.mark.parametrize(("section", "line", "key", "problem"), BAD_NUMBERS, ids=[c[2] for c in BAD_NUMBERS])
+def test_numbers_the_relay_cannot_work_with_are_refused(tmp_path: Path, section: str, line: str, key: str,
+                                                       problem: str) -> None:
+    path = tmp_path / "relay.toml"
+    base = '[server]\nhostname = "relay.example.test"\nlisten = ["127.0.0.1:2525"]\n'
+    path.write_text(base + (line + "\n" if section == "server" else f"\n[{section}]\n{line}\n"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert (info.value.path, info.value.key) == (str(path), key)
+    assert problem in info.value.problem, info.value.problem
