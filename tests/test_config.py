@@ -7,14 +7,18 @@ from ``serve`` (which must not start, and must not print a traceback).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, Certs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastrelay.config import ServerConfig, data_memory_limit, load_config, parse_duration
 from fastrelay.errors import ConfigError
@@ -263,3 +267,53 @@ def test_numbers_the_relay_cannot_work_with_are_refused(tmp_path: Path, section:
         load_config(path)
     assert (info.value.path, info.value.key) == (str(path), key)
     assert problem in info.value.problem, info.value.problem
+
+
+def _numeric_settings() -> list[tuple[str, str]]:
+    """(section, key) of every int or float setting, read from the config's own Structs."""
+    import typing
+
+    from fastrelay import config as config_module
+
+    sections = {"server": config_module.ServerConfig, "quota": config_module.QuotaConfig,
+                "delivery": config_module.DeliveryConfig, "archive": config_module.ArchiveConfig,
+                "abuse": config_module.AbuseConfig, "limits.active": config_module.LimitSet}
+    found = []
+    for section, struct in sections.items():
+        for name, kind in typing.get_type_hints(struct).items():
+            if kind in (int, float):
+                found.append((section, name))
+    return found
+
+
+NUMERIC_SETTINGS = _numeric_settings()
+
+
+def _toml_number(value: float) -> str:
+    return {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan" if value != value else repr(value))
+
+
+@settings(max_examples=300, deadline=None)
+@given(setting=st.sampled_from(NUMERIC_SETTINGS),
+       value=st.one_of(st.integers(-(2**64), 2**64), st.floats(allow_nan=True, allow_infinity=True)))
+def test_any_number_in_any_numeric_setting_loads_or_is_refused_by_name(setting: tuple[str, str],
+                                                                       value: float) -> None:
+    """Whatever number an administrator writes, the loader answers with a Config whose
+    numbers are finite, or a ConfigError naming the file and that key; nothing else."""
+    section, key = setting
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "relay.toml"
+        head = '[server]\nhostname = "relay.example.test"\nlisten = ["127.0.0.1:2525"]\n'
+        line = f"{key} = {_toml_number(value)}\n"
+        path.write_text(head + (line if section == "server" else f"\n[{section}]\n{line}"))
+        try:
+            loaded = load_config(path)
+        except ConfigError as error:
+            assert error.path == str(path)
+            # A number TOML itself cannot hold (beyond 64 bits) is a syntax error of the file.
+            assert error.key == f"{section}.{key}" or (error.key == "" and "not valid TOML" in error.problem), error
+            return
+        node: object = loaded
+        for part in [*section.split("."), key]:
+            node = getattr(node, part)
+        assert isinstance(node, (int, float)) and math.isfinite(node), (setting, node)
