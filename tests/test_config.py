@@ -290,7 +290,7 @@ NUMERIC_SETTINGS = _numeric_settings()
 
 
 def _toml_number(value: float) -> str:
-    return {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan" if value != value else repr(value))
+    return {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan" if math.isnan(value) else repr(value))
 
 
 @settings(max_examples=300, deadline=None)
