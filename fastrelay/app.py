@@ -41,17 +41,23 @@ GC_YOUNG_THRESHOLD = 10_000
 
 
 def setup_logging(config: Config) -> None:
+    """Log to [logging] file (or stderr).  The new file is opened before the old handler
+    goes, so a path that cannot be opened is a ConfigError and the old log stays."""
+    if config.logging.file:
+        path = config.path(config.logging.file)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- the handler owns it
+        except OSError as exc:
+            raise ConfigError(config.source, "logging.file", f"cannot open {path}: {exc.strerror or exc}") from None
+        handler = BatchedLogHandler(stream, owns_stream=True)
+    else:
+        handler = BatchedLogHandler(sys.stderr)
     root = logging.getLogger("fastrelay")
     for h in list(root.handlers):
         root.removeHandler(h)
         logs.uninstall(h)
         h.close()
-    if config.logging.file:
-        path = config.path(config.logging.file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = BatchedLogHandler(open(path, "a", encoding="utf-8"), owns_stream=True)
-    else:
-        handler = BatchedLogHandler(sys.stderr)
     logs.install(root, handler)
     root.setLevel(config.logging.level.upper())
     root.propagate = False
@@ -143,13 +149,13 @@ class Relay:
         try:
             config = load_config(self.config_path)
             policy = build_policy(config)
+            setup_logging(config)
         except (ConfigError, ValueError) as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
         if (config.server.listen, config.server.listen_tls) != (self.config.server.listen, self.config.server.listen_tls):
             log.warning("reload: listener changes take effect at the next restart")
         self.config = config
-        setup_logging(config)
         events.configure(config)
         self.quota.apply(config)
         policy.suspended = self.abuse.suspended
@@ -228,7 +234,11 @@ def serve(config_path: str) -> int:
     except ConfigError as exc:
         print(f"fastrelay: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config)
+    try:
+        setup_logging(config)
+    except ConfigError as exc:
+        print(f"fastrelay: {exc}", file=sys.stderr)
+        return 2
     relay = Relay(config_path, config, tune_gc=True)
     # The spool's writer thread needs the GIL for a moment after each group
     # commit, and the clients wait for that moment: at Python's default 5 ms

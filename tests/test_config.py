@@ -317,3 +317,12 @@ def test_any_number_in_any_numeric_setting_loads_or_is_refused_by_name(setting: 
         for part in [*section.split("."), key]:
             node = getattr(node, part)
         assert isinstance(node, (int, float)) and math.isfinite(node), (setting, node)
+
+
+def test_serve_refuses_a_log_file_it_cannot_open(tmp_path: Path, certs: Certs) -> None:
+    path = write_config(tmp_path, certs, ("[delivery]", '[logging]\nfile = "logs"\n\n[delivery]'))
+    (tmp_path / "logs").mkdir()     # a directory where the log file should be
+    result = run("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr == f"fastrelay: {path}: logging.file: cannot open {tmp_path / 'logs'}: Is a directory\n"
+    assert not (tmp_path / "spool").exists()

@@ -794,7 +794,10 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(relay_factory: object) ->
     try:
         assert client.cmd(EHLO)[:3] == b"250"
         good = relay.config_path.read_text()
-        for broken in ("[server\nthis is not TOML", good.replace("[server]", "[server]\nno_such_key = 1")):
+        unopenable_log = good.replace("[logging]", '[logging]\nfile = "/"')   # a directory
+        assert unopenable_log != good
+        for broken in ("[server\nthis is not TOML", good.replace("[server]", "[server]\nno_such_key = 1"),
+                       unopenable_log):
             before = relay.log().count("reload refused")
             relay.config_path.write_text(broken)
             relay.reload()
@@ -811,11 +814,16 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(relay_factory: object) ->
         assert client.cmd(MAIL) == wire(replies.SENDER_OK)
         assert client.cmd(RCPT_LINE) == wire(replies.RCPT_OK)
         assert client.cmd(b"DATA") == wire(replies.START_DATA)
-        queue_id_of(client.cmd(b"Subject: still here\r\n\r\nok\r\n.\r\n"))
+        queue_id = queue_id_of(client.cmd(b"Subject: still here\r\n\r\nok\r\n.\r\n"))
     finally:
         client.close()
     assert relay.proc is not None and relay.proc.poll() is None
-    assert "no_such_key" in relay.log()
+    log = relay.wait_log(f"{queue_id}: ")
+    assert "no_such_key" in log
+    # The log that could not be opened was not switched to: the relay still logs here.
+    assert "logging.file: cannot open /: Is a directory" in log
+    assert "Traceback" not in log, log[-3000:]
+    assert f"{queue_id}: " in log.split("cannot open /")[1]    # the message queued after it
 
 
 def test_a_message_with_too_many_hops_is_refused_as_a_loop(module_relay: RelayProcess) -> None:
