@@ -52,6 +52,12 @@ log = MailLog("fastrelay.smtp_client")
 # RFC 5321 §4.5.3.1.5 caps reply lines at 512 octets; allow generous slack
 # before calling a peer broken.
 MAX_REPLY_LINE = 8192
+# A multi-line reply longer than this (an EHLO reply is well under 1 KiB), or
+# more complete replies waiting than were asked for, means a broken or
+# hostile next hop: any MX on the internet could otherwise make the relay
+# buffer what it sends until the command timeout.
+MAX_REPLY_BYTES = 64 * 1024
+MAX_UNASKED_REPLIES = 4
 # RFC 3463 enhanced status code at the start of a reply text.
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 
@@ -196,6 +202,7 @@ class ReplyReader(asyncio.Protocol):
         self.closed = False
         self._buffer = bytearray()
         self._lines: list[str] = []
+        self._reply_bytes = 0             # the bytes of the lines in self._lines
         self._replies: list[Reply] = []
         self._want = 0
         self._waiter: asyncio.Future[list[Reply]] | None = None
@@ -216,7 +223,8 @@ class ReplyReader(asyncio.Protocol):
             known = _REPLIES_OF_READ.get(data)
             if known is not None:
                 self._replies += known
-                self._wake()
+                if not self._too_many_unasked():
+                    self._wake()
                 return
         elif buffer:
             buffer += data
@@ -230,13 +238,23 @@ class ReplyReader(asyncio.Protocol):
             if line[-1:] == b"\r":
                 line = line[:-1]
             sep = line[3:4]
-            if len(line) < 3 or not line[:3].isdigit() or sep not in (b"", b" ", b"-"):
+            # RFC 5321 §4.2: the first digit is 2 to 5 (1yz is never used in SMTP, but harmless).
+            if len(line) < 3 or not line[:3].isdigit() or line[:1] == b"0" or line[:1] > b"5" \
+                    or sep not in (b"", b" ", b"-"):
                 self._fail(ConnectionLost(f"malformed reply line {line[:60]!r}", self._replies))
                 return
             self._lines.append(line[4:].decode("utf-8", "replace"))
             if sep != b"-":
                 self._replies.append(Reply(int(line[:3]), tuple(self._lines)))
                 self._lines = []
+                self._reply_bytes = 0
+            else:
+                self._reply_bytes += len(line)
+                if self._reply_bytes > MAX_REPLY_BYTES:
+                    self._fail(ConnectionLost(f"reply too long (over {MAX_REPLY_BYTES} bytes)", self._replies))
+                    return
+        if self._too_many_unasked():
+            return
         if whole and not rest and not self._lines and len(data) <= REMEMBERED_READ_MAX:
             if len(_REPLIES_OF_READ) >= REMEMBERED_READS:
                 _REPLIES_OF_READ.clear()
@@ -246,6 +264,14 @@ class ReplyReader(asyncio.Protocol):
             self._fail(ConnectionLost("reply line too long", self._replies))
             return
         self._wake()
+
+    def _too_many_unasked(self) -> bool:
+        asked = self._want if self._waiter is not None else 0
+        if len(self._replies) - asked <= MAX_UNASKED_REPLIES:
+            return False
+        self._fail(ConnectionLost(f"replies nobody asked for: {len(self._replies)} where {asked} were awaited",
+                                  self._replies))
+        return True
 
     @property
     def idle(self) -> bool:
@@ -543,6 +569,14 @@ class OutboundConnection:
                 results[i] = deferred(exc.text, exc.dsn, hop.hostname)
             return []
         if data.code != 354:
+            if data.code // 100 == 2:
+                # RFC 5321 §4.1.1.4: DATA's only positive reply is 354.  A 2xx means the
+                # server is out of step with us; taken as "sent", the content would be lost.
+                self.abort()
+                for i in accepted:
+                    results[i] = deferred(f"host {hop.hostname}[{hop.address}] said: {data} (in reply to DATA "
+                                          "command, where only 354 may start the content)", "4.5.0", hop.hostname)
+                return []
             for i in accepted:
                 results[i] = result_from_reply(data, hop, "DATA")
             return overflow

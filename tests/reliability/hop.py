@@ -18,6 +18,8 @@ Faults:
   starts the next one on this connection, then close.
 * ``drop_in_data``: close after some bytes of the content, before the dot.
 * ``data451``: ``451`` to the final dot (a temporary refusal, connection kept).
+* ``data250``: ``250`` instead of ``354`` to DATA, then whatever comes is read as
+  commands (a server out of step; taken as "sent", the message would be lost).
 
 The faults in DATA apply to the first transaction of their connection.
 * ``drop_at_dot``: read the whole message and its dot, close without a reply.
@@ -33,7 +35,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-FAULTS = ("greet421", "stall_greeting", "mail421", "rset421", "drop_in_data", "data451",
+FAULTS = ("greet421", "stall_greeting", "mail421", "rset421", "drop_in_data", "data451", "data250",
           "drop_at_dot", "stall_at_dot")
 # Faults after which the hop holds the whole message without having said 250.
 AFTER_THE_DOT = ("drop_at_dot", "stall_at_dot")
@@ -174,6 +176,11 @@ class ScriptedHop:
                 rcpts.append(line[8:].split(b">")[0].lstrip(b"<").decode())
                 writer.write(b"250 2.1.5 Ok\r\n")
             elif verb == b"DATA":
+                if fault == "data250" and not transactions:
+                    transactions += 1
+                    writer.write(b"250 2.0.0 Ok\r\n")
+                    await writer.drain()
+                    continue
                 writer.write(b"354 go ahead\r\n")
                 await writer.drain()
                 transactions += 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import re
 import smtplib
+import socket
 import threading
 import time
 from collections import Counter
@@ -26,7 +27,7 @@ from conftest import RelayProcess, queue_id_of
 
 from fastrelay.agent import LINGER
 
-from .helpers import delivery_to, wait_for
+from .helpers import delivery_to, rss_kib, wait_for
 from .hop import AFTER_THE_DOT, FAULTS, Reception, ScriptedHop
 
 SENDER = "alice@example.com"
@@ -87,6 +88,7 @@ DEFERRAL = {
     "mail421": "said: 421 4.3.2 hop.test shutting down (in reply to MAIL FROM command)",
     "drop_in_data": "while sending end of data -- message may be sent more than once",
     "data451": "said: 451 4.3.0 hop.test try again later (in reply to end of DATA command)",
+    "data250": "said: 250 2.0.0 Ok (in reply to DATA command, where only 354 may start the content)",
     "drop_at_dot": "lost connection with 127.0.0.1[127.0.0.1] while sending end of data -- message may be sent more than once",
     "stall_at_dot": "timed out while sending end of data -- message may be sent more than once",
     "rset421": None,   # a cached connection found dead: replaced, no deferral
@@ -203,3 +205,62 @@ def test_a_flaky_next_hop_under_load_loses_nothing(relay_factory: Callable[..., 
            f"{window} fault(s) after the final dot")
     assert "Traceback" not in relay.log()
     assert duplicates <= window, f"seed {seed}: {duplicates} duplicates, only {window} after-the-dot faults"
+
+
+class FloodingHop:
+    """A next hop that answers EHLO with reply lines that never stop: ``continued`` sends
+    "250-" continuation lines (one reply that never ends), ``unasked`` sends complete
+    "250 ok" replies nobody asked for.  Any MX on the internet can do this to a relay."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.sent = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stopped = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        line = b"250-flood " + b"x" * 80 + b"\r\n" if self.kind == "continued" else b"250 2.0.0 ok\r\n"
+        chunk = line * 1000
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.sendall(b"220 flood.test ESMTP\r\n")
+                    conn.recv(4096)                       # the EHLO
+                    while not self.stopped.is_set():
+                        conn.sendall(chunk)
+                        self.sent += len(chunk)
+                except OSError:
+                    continue                              # the relay hung up, as it should
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+
+
+@pytest.mark.parametrize("kind", ["continued", "unasked"])
+def test_a_next_hop_that_floods_replies_is_cut_off_with_bounded_memory(
+        relay_factory: Callable[..., RelayProcess], kind: str, report: Callable[[str], None]) -> None:
+    hop = FloodingHop(kind)
+    relay = relay_factory(extra=delivery_to(hop.port, command_timeout=20, retry='["1h"]'))
+    try:
+        assert relay.proc is not None
+        before = rss_kib(relay.proc.pid)
+        ids = send(relay, [f"flood-{kind}"])
+        [qid] = ids.values()
+        log = relay.wait_log(f"{qid}: to=<", timeout=30)
+        peak = rss_kib(relay.proc.pid)
+    finally:
+        relay.stop()
+        hop.stop()
+    line = next(ln for ln in log.splitlines() if f"{qid}: to=<" in ln)
+    report(f"a next hop flooding {kind} replies: cut off after it sent {hop.sent // 1024} KiB; "
+           f"relay RSS {before} -> {peak} KiB")
+    expected = "reply too long" if kind == "continued" else "replies nobody asked for"
+    assert "status=deferred" in line and expected in line, line
+    assert peak - before < 32 * 1024, (before, peak)
