@@ -422,6 +422,12 @@ class OutboundConnection:
             if settings.tls in ("required", "verify"):
                 raise HopError(f"host {hop} refused STARTTLS: {reply}", "4.7.4", reply)
             return
+        if not self.reader.idle:
+            # RFC 3207 §4.2, the client side of CVE-2011-0411: anything behind the 220
+            # came in plaintext and would be read, after the handshake, as the server's.
+            self.abort()
+            raise HopError(f"host {hop} sent data behind its 220 to STARTTLS (a plaintext injection?)",
+                           "4.7.5", tls_failed=True)
         assert settings.tls_context is not None and self.reader.transport is not None
         loop = asyncio.get_running_loop()
         try:

@@ -17,13 +17,14 @@ import random
 import re
 import smtplib
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 
 import pytest
-from conftest import RelayProcess, queue_id_of
+from conftest import Certs, RelayProcess, queue_id_of
 
 from fastrelay.agent import LINGER
 
@@ -264,3 +265,68 @@ def test_a_next_hop_that_floods_replies_is_cut_off_with_bounded_memory(
     expected = "reply too long" if kind == "continued" else "replies nobody asked for"
     assert "status=deferred" in line and expected in line, line
     assert peak - before < 32 * 1024, (before, peak)
+
+
+class InjectingHop:
+    """A next hop (or a man in the middle) that puts a reply right behind its
+    "220 ready to start TLS", in plaintext: read after the handshake, it would
+    answer the relay's EHLO inside TLS (the client side of CVE-2011-0411)."""
+
+    def __init__(self, certs: Certs) -> None:
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(certs.cert, certs.key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.commands: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        stream: socket.socket = conn
+        try:
+            reader = stream.makefile("rb")
+            stream.sendall(b"220 inject.test ESMTP\r\n")
+            while line := reader.readline():
+                self.commands.append(line.strip())
+                verb = (line.split() or [b""])[0].upper()
+                if verb == b"EHLO":
+                    stream.sendall(b"250-inject.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+                elif verb == b"STARTTLS":
+                    stream.sendall(b"220 2.0.0 ready\r\n250 2.0.0 injected\r\n")
+                    stream = self.context.wrap_socket(conn, server_side=True)
+                    reader = stream.makefile("rb")
+                elif verb == b"QUIT":
+                    stream.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    stream.sendall(b"250 2.0.0 ok\r\n" if verb != b"DATA" else b"354 go\r\n")
+        except (OSError, ssl.SSLError):
+            return
+        finally:
+            stream.close()
+            conn.close()
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def test_a_reply_injected_behind_the_starttls_220_is_refused(
+        relay_factory: Callable[..., RelayProcess], certs: Certs) -> None:
+    hop = InjectingHop(certs)
+    relay = relay_factory(extra=delivery_to(hop.port, retry='["1h"]').replace('tls = "none"', 'tls = "required"'))
+    try:
+        [qid] = send(relay, ["injected"]).values()
+        log = relay.wait_log(f"{qid}: to=<", timeout=30)
+    finally:
+        relay.stop()
+        hop.stop()
+    line = next(ln for ln in log.splitlines() if f"{qid}: to=<" in ln)
+    assert "status=deferred" in line and "sent data behind its 220 to STARTTLS" in line, line
+    assert not any(c.upper().startswith(b"MAIL") for c in hop.commands), hop.commands
