@@ -507,7 +507,7 @@ class OutboundConnection:
         # to declare, and the same number is checked against the limit here.
         size = len(content)
         size_limit = ext.get("SIZE", "")
-        if size_limit.isdigit() and 0 < int(size_limit) < size:
+        if size_limit.isascii() and size_limit.isdigit() and 0 < int(size_limit) < size:  # "²".isdigit()
             r = bounced(f"message size {size} exceeds size limit {size_limit} of server {hop}",
                         "5.3.4", hop.hostname)
             return [r] * len(recipients)

@@ -51,7 +51,9 @@ class Reception:
 
 
 class ScriptedHop:
-    def __init__(self, faults: list[str] | tuple[str, ...] = (), messages_per_connection: int = 0) -> None:
+    def __init__(self, faults: list[str] | tuple[str, ...] = (), messages_per_connection: int = 0,
+                 ehlo: bytes = b"250-hop.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10485760\r\n") -> None:
+        self.ehlo = ehlo
         for fault in faults:
             assert fault in FAULTS or fault == "ok", fault
         # The port stays bound from here on, so nothing started meanwhile (the relay's
@@ -151,7 +153,7 @@ class ScriptedHop:
                 return
             verb = line[:4].upper()
             if verb in (b"EHLO", b"HELO"):
-                writer.write(b"250-hop.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10485760\r\n")
+                writer.write(self.ehlo)
             elif verb == b"RSET":
                 limit = self.messages_per_connection
                 if (fault == "rset421" and transactions) or (limit and transactions >= limit):

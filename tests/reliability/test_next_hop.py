@@ -330,3 +330,21 @@ def test_a_reply_injected_behind_the_starttls_220_is_refused(
     line = next(ln for ln in log.splitlines() if f"{qid}: to=<" in ln)
     assert "status=deferred" in line and "sent data behind its 220 to STARTTLS" in line, line
     assert not any(c.upper().startswith(b"MAIL") for c in hop.commands), hop.commands
+
+
+@pytest.mark.parametrize("size", ["\u00b2", "12x", "-5", "99999999999999999999999999"])
+def test_an_odd_size_in_the_ehlo_reply_does_not_stop_delivery(relay_factory: Callable[..., RelayProcess],
+                                                             size: str) -> None:
+    """SIZE's parameter is the server's to get right (RFC 1870); a superscript digit, which
+    str.isdigit accepts and int refuses, made the delivery fail with a traceback."""
+    ehlo = f"250-hop.test\r\n250-PIPELINING\r\n250 SIZE {size}\r\n".encode()
+    hop = ScriptedHop(ehlo=ehlo).start()
+    relay = relay_factory(extra=delivery_to(hop.port))
+    try:
+        [qid] = send(relay, [f"size-{len(size)}"]).values()
+        hop.wait_acked(1)
+        relay.wait_log(f"{qid}: removed")
+    finally:
+        relay.stop()
+        hop.stop()
+    assert "Traceback" not in relay.log()
