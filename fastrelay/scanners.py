@@ -311,16 +311,20 @@ class RspamdClient:
             raise ScannerError(f"rspamd: {exc or type(exc).__name__}") from None
         if status != 200:
             raise ScannerError(f"rspamd: HTTP {status}: {content[:200]!r}")
+        return self.parse(content)
+
+    def parse(self, content: bytes) -> ScanResult:
+        """rspamd's JSON answer; anything else is a ScannerError (the scan is asked again)."""
         try:
             answer = json.loads(content)
             action = str(answer["action"])
             score = float(answer["score"])
             threshold = float(answer.get("required_score", 0.0))
             symbols = answer.get("symbols") or {}
-        except (ValueError, KeyError, TypeError) as exc:
+            ranked = sorted(symbols.values(), key=lambda s: -float(s.get("score", 0.0)))
+            reasons = tuple(f"{s.get('name')}({float(s.get('score', 0.0)):g})" for s in ranked[:12])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ScannerError(f"rspamd: unreadable answer ({exc}): {content[:200]!r}") from None
-        ranked = sorted(symbols.values(), key=lambda s: -float(s.get("score", 0.0)))
-        reasons = tuple(f"{s.get('name')}({float(s.get('score', 0.0)):g})" for s in ranked[:12])
         # "soft reject" and "greylist" ask a receiving MTA to try later: meaningless
         # for mail our own users submit, so only the spam actions count.
         spam = action in ("reject", "add header", "rewrite subject")
@@ -373,9 +377,10 @@ class SpamdClient:
             raise ScannerError(f"spamd: no answer within {self.timeout:g}s") from None
         except OSError as exc:
             raise ScannerError(f"spamd: {exc}") from None
-        return self._parse(answer)
+        return self.parse(answer)
 
-    def _parse(self, answer: bytes) -> ScanResult:
+    def parse(self, answer: bytes) -> ScanResult:
+        """spamd's answer to SYMBOLS; anything else is a ScannerError (the scan is asked again)."""
         head, _, symbols = answer.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status = lines[0].split(None, 2)
@@ -392,8 +397,12 @@ class SpamdClient:
         if m is None:
             raise ScannerError(f"spamd: no Spam: header in {answer[:200]!r}")
         spam = m.group(1).lower() in ("true", "yes")
+        try:
+            score, threshold = float(m.group(2)), float(m.group(3))
+        except ValueError:   # "1..5": the pattern takes digits and dots as they come
+            raise ScannerError(f"spamd: unreadable score in {answer[:200]!r}") from None
         reasons = tuple(s for s in symbols.decode("latin-1").strip().replace("\r\n", ",").split(",") if s)
-        return ScanResult(self.name, SPAM if spam else CLEAN, float(m.group(2)), float(m.group(3)), reasons)
+        return ScanResult(self.name, SPAM if spam else CLEAN, score, threshold, reasons)
 
 
 class ClamdClient:

@@ -14,6 +14,7 @@ import base64
 import email
 import email.policy
 import email.utils
+import json
 import smtplib
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from typing import Any
 
 import pytest
 from conftest import RelayProcess, free_port
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scanner_daemons import (
     EICAR,
     GTUBE,
@@ -42,7 +45,7 @@ from fastrelay.config import load_config
 from fastrelay.control import request as control_request
 from fastrelay.control import socket_path
 from fastrelay.errors import ConfigError
-from fastrelay.scanners import content_signals
+from fastrelay.scanners import RspamdClient, ScannerError, SpamdClient, content_signals
 from fastrelay.spool import Envelope, MessageState, Spool
 
 ACCOUNTS = """
@@ -661,3 +664,37 @@ def test_abuse_config_errors_name_the_key(tmp_path: Path, line: str, key: str, p
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.key == key and problem in info.value.problem, str(info.value)
+
+
+# --- daemons' answers that make no sense -------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=True, allow_infinity=True) | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["action", "score", "required_score", "symbols", "name"]) | st.text(max_size=4),
+        inner, max_size=5),
+    max_leaves=20)
+
+_SPAMD = st.builds(
+    lambda status, verdict, score, threshold, symbols: (
+        b"SPAMD/1.1 " + status + b"\r\nSpam: " + verdict + b" ; " + score + b" / " + threshold
+        + b"\r\n\r\n" + symbols),
+    st.sampled_from([b"0 EX_OK", b"76 EX_PROTOCOL", b""]), st.sampled_from([b"True", b"no", b"maybe"]),
+    st.text("0123456789.-", max_size=6).map(str.encode), st.text("0123456789.-", max_size=6).map(str.encode),
+    st.binary(max_size=20))
+
+
+@settings(max_examples=300, deadline=None)
+@given(rspamd=st.one_of(_JSON.map(lambda v: json.dumps(v).encode()), st.binary(max_size=60)),
+       spamd=st.one_of(_SPAMD, st.binary(max_size=60)))
+def test_any_answer_from_rspamd_or_spamd_is_a_verdict_or_a_scanner_error(rspamd: bytes, spamd: bytes) -> None:
+    """Parsed, never raised past the scanner: anything but ScannerError would escape the
+    retry logic (a spamd score "1..5" did).  The real daemons never answer this way, so
+    their parsers are fed directly."""
+    for client, answer in ((RspamdClient("http://127.0.0.1:11333", 1.0), rspamd),
+                           (SpamdClient("127.0.0.1:783", 1.0), spamd)):
+        try:
+            result = client.parse(answer)
+        except ScannerError:
+            continue
+        assert result.verdict in ("clean", "spam"), result
