@@ -18,7 +18,8 @@ an IP literal directly, a name through its A/AAAA records.
 MX resolution follows RFC 5321 §5.1: hosts in preference order (equal
 preferences shuffled), each host's IPv4 then IPv6 addresses; no MX records
 means the domain itself is the one host (implicit MX); a null MX (RFC 7505)
-means the domain accepts no mail.  An address literal (``user@[127.0.0.1]``)
+means the domain accepts no mail.  One attempt tries at most MX_ADDRESS_LIMIT
+(5) addresses of an MX list, the best first.  An address literal (``user@[127.0.0.1]``)
 goes straight to that address.
 
 Config keys read: delivery.routes, delivery.nameservers (empty: the system
@@ -45,6 +46,11 @@ from .config import DeliveryConfig, RouteConfig, parse_hostport
 # How long one DNS question may take, retries included (dnspython's lifetime).
 DNS_LIFETIME = 10.0
 DESTINATION_CACHE = 10_000   # recipient domains whose destination is remembered (all forgotten when full)
+# One delivery attempt tries at most this many MX addresses, the best first, as
+# Postfix's smtp_mx_address_limit (5): a domain listing dozens of MX hosts that
+# refuse, or stall until connect_timeout, must not hold a session for hours.
+MX_ADDRESS_LIMIT = 5
+MX_HOST_LOOKUPS = 10         # MX names whose addresses are looked up, best first
 
 
 class NextHop(NamedTuple):
@@ -176,7 +182,7 @@ class Router:
         records.sort(key=lambda r: r[0])
         port = self.config.mx_port
         lookups = [self._host_hops(exchange.to_text(omit_final_dot=True), port, implicit=False)
-                   for _, exchange in records]
+                   for _, exchange in records[:MX_HOST_LOOKUPS]]
         results = await asyncio.gather(*lookups, return_exceptions=True)
         hops: list[NextHop] = []
         temporary: RoutingError | None = None
@@ -192,7 +198,7 @@ class Router:
             else:
                 hops.extend(result)
         if hops:
-            return hops
+            return hops[:MX_ADDRESS_LIMIT]
         if temporary is not None:
             raise temporary
         assert permanent is not None

@@ -220,6 +220,22 @@ def test_mx_preference_order_and_fallback_when_the_best_host_refuses(world: Worl
     wait_drained(relay)
 
 
+def test_a_domain_with_many_mx_hosts_costs_at_most_five_addresses_per_attempt(world: World) -> None:
+    """As Postfix's smtp_mx_address_limit (5): a domain that lists 30 MX hosts where nothing
+    answers (or, worse, where each one stalls until connect_timeout) is given up on for this
+    attempt after five addresses, the best ones."""
+    world.zone.mx("many.test", *[(i, f"mx{i:02d}.many.test") for i in range(30)])
+    for i in range(30):
+        world.zone.a(f"mx{i:02d}.many.test", f"127.0.1.{i + 1}")   # nothing listens: refused
+    relay = world.start(retry='["1h"]')
+    qid = send(relay, ["bob@many.test"])
+    log = relay.wait_log(f"{qid}: to=<bob@many.test>")
+    tried = [line for line in log.splitlines() if ": connect to mx" in line and "many.test[127.0.1." in line]
+    assert len(tried) == 5, tried
+    assert all(f"mx{i:02d}.many.test[127.0.1.{i + 1}]" in tried[i] for i in range(5)), tried
+    assert "status=deferred" in log
+
+
 def test_ipv6_next_hops_by_aaaa_record_and_by_route(world: World) -> None:
     # An MX host with only an AAAA record (::1), and a route to an IPv6 literal.
     world.zone.mx("six.test", (10, "mx6.six.test"))
