@@ -137,7 +137,7 @@ class Relay:
             await self.server.listen(parse_hostport(addr), implicit_tls=True)
         log.info("fastrelay listening on %s%s", ", ".join(config.server.listen),
                  f"; implicit TLS on {', '.join(config.server.listen_tls)}" if config.server.listen_tls else "")
-        self.metrics: MetricsServer | None = start_metrics(config, self, loop)
+        self.metrics: MetricsServer | None = await start_metrics(config, self, loop)
         loop.add_signal_handler(signal.SIGTERM, self.stop_requested, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.stop_requested, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self.reload)

@@ -173,3 +173,37 @@ def test_event_log_has_each_reception_refusal_and_quota_event(
     assert "mallory@evil.test" in mail_refusal["command"]
     [quota] = [e for e in events if e["kind"] == "quota"]
     assert (quota["limit"], quota["account"], quota["maximum"]) == ("recipients_per_transaction", "example", 2)
+
+
+def _threads(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("Threads:")[1].split()[0])
+
+
+def test_idle_and_junk_connections_to_the_metrics_port_cost_no_thread(
+        observed: tuple[RelayProcess, int, list[str], list[dict[str, float]]]) -> None:
+    """prometheus_client's own server gave each connection a thread with no timeout (2,000 idle
+    connections: 2,000 threads, +52 MiB).  Here they cost no thread, a scrape still answers,
+    junk gets 404/405 or is dropped, and the idle ones are closed after the request timeout."""
+    relay, metrics_port, _, _ = observed
+    assert relay.proc is not None
+    threads = _threads(relay.proc.pid)
+    idle = [socket.create_connection(("127.0.0.1", metrics_port)) for _ in range(200)]
+    try:
+        for s in idle[:100]:
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")           # a request that never ends
+        time.sleep(0.5)
+        assert _threads(relay.proc.pid) <= threads + 2         # the executor may add one for the scrape
+        assert "fastrelay_smtpd_connections_total" in str(scrape(metrics_port))
+        for request, status in ((b"POST /metrics HTTP/1.0\r\n\r\n", b"405"), (b"GET /x HTTP/1.0\r\n\r\n", b"404"),
+                                (b"GET /" + b"a" * 10000 + b" HTTP/1.0\r\n\r\n", b"")):
+            with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as junk:
+                junk.sendall(request)
+                answer = junk.recv(100)
+                assert answer[9:12] == status, answer
+        idle[0].settimeout(10)
+        assert idle[0].recv(1) == b""                          # closed by the relay after REQUEST_TIMEOUT
+    finally:
+        for s in idle:
+            s.close()
+    assert relay.proc.poll() is None
