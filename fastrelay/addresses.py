@@ -100,6 +100,11 @@ def parse_path_argument(arg: str, keyword: str, allow_null: bool) -> PathArgumen
     for token in after.split():
         key, _, value = token.partition("=")
         params[key.upper()] = value
+    if not path.isprintable():
+        # RFC 6531 admits any non-ASCII character, but a C1 control, a bidi override or a
+        # zero-width space in an address is no one's mailbox: it is a way to make the log,
+        # the queue listing or an administrator's terminal show something else.
+        return bad
     if len(path.encode("utf-8")) > 256:
         return replies.PATH_TOO_LONG
     if path.startswith("@"):

@@ -131,7 +131,12 @@ class ContentFacts(NamedTuple):
     def subject(self) -> str:
         """Decoded (RFC 2047), at most 200 characters; "" when there is none.  Only
         spam and viruses need it (the notices), so it is not decoded for clean mail."""
-        return _decode_header(self.subject_raw)[:200] if self.subject_raw is not None else ""
+        if self.subject_raw is None:
+            return ""
+        # An encoded word can carry anything: line ends would break the notices' lines,
+        # escapes and bidi overrides would reach an administrator's terminal
+        # (`fastrelay quarantine list`) and the log.  Shown as spaces.
+        return "".join(c if c.isprintable() else " " for c in _decode_header(self.subject_raw)[:200])
 
 
 def _bad_attachment(head: bytes, lowered: bytes, body: bytes, text_start: int) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import email
+import email.header
 import email.policy
 import email.utils
 import json
@@ -291,6 +292,21 @@ def test_builtin_content_signals_and_their_weights() -> None:
     assert names(nested.replace(b"setup.exe", b"setup.txt")) == {}
     facts = content_signals(env, with_attachment("alice@example.com", "x", "a.txt", EICAR), domains)
     assert facts.virus == "EICAR-Test-File" and facts.subject == "x"
+
+
+@pytest.mark.parametrize("hidden", ["line\r\n.\r\nMAIL FROM:<x@y>", "bare\nlf and \rcr", "red \x1b[31malert\x1b[0m",
+                                    "right-to-left \u202egpj.exe", "nul\x00 and del\x7f"])
+def test_a_subject_is_shown_without_control_characters(hidden: str) -> None:
+    """The subject of held mail reaches the super admins' notices, the log and
+    `fastrelay quarantine list` on an administrator's terminal.  An encoded word can
+    carry any character: line ends (which would break the notice's lines), terminal
+    escapes, a right-to-left override.  Each becomes a space."""
+    env = Envelope("Q", 0.0, "127.0.0.1", HELO, "alice@example.com", ["x@dest.test"])
+    encoded = email.header.Header(hidden, "utf-8").encode()
+    facts = content_signals(env, message("alice@example.com", encoded), ("example.com",))
+    assert facts.subject and all(c.isprintable() for c in facts.subject), repr(facts.subject)
+    visible = "".join(c for c in hidden if c.isprintable())
+    assert facts.subject.replace(" ", "") == visible.replace(" ", ""), repr(facts.subject)
 
 
 def test_the_synchronous_check_answers_clean_mail_and_leaves_a_quarantine_to_the_awaited_one(

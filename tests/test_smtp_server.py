@@ -395,6 +395,16 @@ MALFORMED = [
     _param([EHLO], b"MAIL FROM:<bob@example.com>junk\r\n", replies.BAD_SENDER_SYNTAX, "junk-after-path"),
     _param([EHLO], b"MAIL FROM:<@>\r\n", replies.BAD_SENDER_SYNTAX, "lone-at"),
     _param([EHLO], b"MAIL FROM:<\x01\x02@example.com>\r\n", replies.BAD_SENDER_SYNTAX, "control-chars"),
+    # Non-ASCII that is not text: a C1 control (U+009B is CSI to some terminals), a
+    # right-to-left override (it would reverse the address in the log), a no-break space.
+    _param([EHLO], "MAIL FROM:<bob\u009b31m@example.com> SMTPUTF8\r\n".encode(), replies.BAD_SENDER_SYNTAX,
+           "c1-control"),
+    _param([EHLO], "MAIL FROM:<bob\u202e@example.com> SMTPUTF8\r\n".encode(), replies.BAD_SENDER_SYNTAX,
+           "bidi-override"),
+    _param([EHLO, MAIL], "RCPT TO:<carol\u00a0x@dest.test> SMTPUTF8\r\n".encode(), replies.BAD_RCPT_SYNTAX,
+           "no-break-space"),
+    _param([EHLO, MAIL], "RCPT TO:<carol@d\u200best.test>\r\n".encode(), replies.BAD_RCPT_SYNTAX,
+           "zero-width-space-in-domain"),
     _param([EHLO, MAIL], b"RCPT TO:<>\r\n", replies.BAD_RCPT_SYNTAX, "null-recipient"),
     _param([EHLO, MAIL], b"RCPT TO:<carol>\r\n", replies.BAD_RCPT_SYNTAX, "recipient-without-domain"),
     _param([EHLO, MAIL], b"RCPT TO:<carol@[300.1.1.1]>\r\n", replies.BAD_RCPT_SYNTAX, "bad-address-literal"),
