@@ -32,6 +32,7 @@ import asyncio
 import enum
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import secrets
@@ -572,7 +573,25 @@ def _sending_denied() -> bytes:
 
 
 def is_valid_helo(name: str) -> bool:
-    """Syntax only: a host name or an address literal."""
+    """Syntax only: a host name or an address literal (RFC 5321 §4.1.3)."""
     if name.startswith("[") and name.endswith("]"):
-        return len(name) > 2
+        return is_address_literal(name[1:-1])
     return is_hostname(name.rstrip("."))
+
+
+def is_address_literal(inner: str) -> bool:
+    """What may stand between the brackets: an IPv4 address, "IPv6:" and an IPv6 address,
+    or a General-address-literal (a tag, ":", printable ASCII other than [ \\ ])."""
+    tag, colon, content = inner.partition(":")
+    if colon and tag.upper() == "IPV6":
+        try:
+            return ipaddress.ip_address(content).version == 6
+        except ValueError:
+            return False
+    if colon:
+        return (is_hostname(tag) and "." not in tag and bool(content)
+                and all(33 <= ord(c) <= 126 and c not in "[\\]" for c in content))
+    try:
+        return ipaddress.ip_address(inner).version == 4
+    except ValueError:
+        return False

@@ -372,6 +372,12 @@ MALFORMED = [
     _param([EHLO, MAIL, RCPT_LINE], b"DATA now\r\n", replies.ARGS_NOT_ALLOWED, "data-with-argument"),
     _param([EHLO], b"RSET all\r\n", replies.ARGS_NOT_ALLOWED, "rset-with-argument"),
     _param([EHLO], b"EHLO -bad-.example\r\n", replies.BAD_HELO, "bad-helo-syntax"),
+    # RFC 5321 §4.1.3 address literals only: the name goes into the log and the Received: field.
+    _param([EHLO], b"EHLO [\x1b[31mred]\r\n", replies.BAD_HELO, "helo-literal-with-escape"),
+    _param([EHLO], "EHLO [\u202eevil]\r\n".encode(), replies.BAD_HELO, "helo-literal-with-bidi"),
+    _param([EHLO], b"EHLO [x y]\r\n", replies.BAD_HELO, "helo-literal-with-space"),
+    _param([EHLO], b"EHLO [300.1.2.3]\r\n", replies.BAD_HELO, "helo-literal-bad-ipv4"),
+    _param([EHLO], b"EHLO [IPv6:1.2.3.4]\r\n", replies.BAD_HELO, "helo-literal-ipv6-tag-with-ipv4"),
     _param([EHLO], b"MAIL TO:<bob@example.com>\r\n", replies.reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"),
            "mail-to"),
     _param([EHLO], b"MAIL FROM:bob@example.com\r\n",
