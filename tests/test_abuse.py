@@ -684,12 +684,11 @@ def test_abuse_config_errors_name_the_key(tmp_path: Path, line: str, key: str, p
 
 # --- daemons' answers that make no sense -------------------------------------------------------
 
-_JSON = st.recursive(
-    st.none() | st.booleans() | st.floats(allow_nan=True, allow_infinity=True) | st.integers() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["action", "score", "required_score", "symbols", "name"]) | st.text(max_size=4),
-        inner, max_size=5),
-    max_leaves=20)
+_SCALAR = st.none() | st.booleans() | st.floats(allow_nan=True, allow_infinity=True) | st.integers() | st.text(max_size=8)
+_KEY = st.sampled_from(["action", "score", "required_score", "symbols", "name"]) | st.text(max_size=4)
+_VALUE = _SCALAR | st.lists(_SCALAR, max_size=3) | st.dictionaries(_KEY, _SCALAR | st.dictionaries(_KEY, _SCALAR),
+                                                                     max_size=4)
+_JSON = _SCALAR | st.lists(_VALUE, max_size=3) | st.dictionaries(_KEY, _VALUE, max_size=5)
 
 _SPAMD = st.builds(
     lambda status, verdict, score, threshold, symbols: (
