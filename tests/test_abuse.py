@@ -688,7 +688,11 @@ _SCALAR = st.none() | st.booleans() | st.floats(allow_nan=True, allow_infinity=T
 _KEY = st.sampled_from(["action", "score", "required_score", "symbols", "name"]) | st.text(max_size=4)
 _VALUE = _SCALAR | st.lists(_SCALAR, max_size=3) | st.dictionaries(_KEY, _SCALAR | st.dictionaries(_KEY, _SCALAR),
                                                                      max_size=4)
-_JSON = _SCALAR | st.lists(_VALUE, max_size=3) | st.dictionaries(_KEY, _VALUE, max_size=5)
+_NUMBER = st.floats(allow_nan=True, allow_infinity=True) | st.integers() | st.sampled_from(["1.5", "x", ""])
+# Shaped like rspamd's answer (action, score, symbols) with anything in each place, or anything at all.
+_JSON = (st.fixed_dictionaries({"action": _SCALAR, "score": _NUMBER},
+                               optional={"required_score": _NUMBER, "symbols": _VALUE})
+         | _SCALAR | st.lists(_VALUE, max_size=3) | st.dictionaries(_KEY, _VALUE, max_size=5))
 
 _SPAMD = st.builds(
     lambda status, verdict, score, threshold, symbols: (
