@@ -243,7 +243,12 @@ class ReplyReader(asyncio.Protocol):
                     or sep not in (b"", b" ", b"-"):
                 self._fail(ConnectionLost(f"malformed reply line {line[:60]!r}", self._replies))
                 return
-            self._lines.append(line[4:].decode("utf-8", "replace"))
+            text = line[4:].decode("utf-8", "replace")
+            if not text.isprintable():
+                # Anyone's text, bound for the log, bounces and the queue listing: a bare CR
+                # would split a header field of the bounce, an escape reach a terminal.
+                text = "".join(c if c.isprintable() else "?" for c in text)
+            self._lines.append(text)
             if sep != b"-":
                 self._replies.append(Reply(int(line[:3]), tuple(self._lines)))
                 self._lines = []

@@ -52,8 +52,11 @@ class Reception:
 
 class ScriptedHop:
     def __init__(self, faults: list[str] | tuple[str, ...] = (), messages_per_connection: int = 0,
-                 ehlo: bytes = b"250-hop.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10485760\r\n") -> None:
+                 ehlo: bytes = b"250-hop.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10485760\r\n",
+                 refuse: tuple[str, bytes] = ("", b"")) -> None:
         self.ehlo = ehlo
+        # RCPT of an address containing refuse[0] is answered refuse[1] (a whole reply line).
+        self.refuse = refuse
         for fault in faults:
             assert fault in FAULTS or fault == "ok", fault
         # The port stays bound from here on, so nothing started meanwhile (the relay's
@@ -175,8 +178,12 @@ class ScriptedHop:
                 mail_from = line[10:].split(b">")[0].lstrip(b"<").decode()
                 writer.write(b"250 2.1.0 Ok\r\n")
             elif verb == b"RCPT":
-                rcpts.append(line[8:].split(b">")[0].lstrip(b"<").decode())
-                writer.write(b"250 2.1.5 Ok\r\n")
+                rcpt = line[8:].split(b">")[0].lstrip(b"<").decode()
+                if self.refuse[0] and self.refuse[0] in rcpt:
+                    writer.write(self.refuse[1])
+                else:
+                    rcpts.append(rcpt)
+                    writer.write(b"250 2.1.5 Ok\r\n")
             elif verb == b"DATA":
                 if fault == "data250" and not transactions:
                     transactions += 1

@@ -348,3 +348,27 @@ def test_an_odd_size_in_the_ehlo_reply_does_not_stop_delivery(relay_factory: Cal
         relay.stop()
         hop.stop()
     assert "Traceback" not in relay.log()
+
+
+def test_a_next_hop_reply_with_control_characters_reaches_neither_the_log_nor_the_bounce(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """A remote reply is text from anyone: a bare CR in it would split the Diagnostic-Code
+    field of the bounce (a header injection), an escape would reach the administrator's
+    terminal through the log.  Both are shown as "?"; the rest of the text is kept."""
+    evil = b"550 5.1.1 no such user\rX-Injected: yes \x1b[31mred\x07\r\n"
+    hop = ScriptedHop(refuse=("nosuch", evil)).start()
+    relay = relay_factory(extra=delivery_to(hop.port))
+    try:
+        with smtplib.SMTP("127.0.0.1", relay.port, local_hostname=HELO, timeout=15) as smtp:
+            assert smtp.sendmail(SENDER, ["nosuch@dest.test"], body("evil")) == {}
+        wait_for(lambda: any(r.mail_from == "" and r.acked for r in hop.acked()), 20, "the bounce")
+        [dsn] = [r for r in hop.acked() if r.mail_from == ""]
+        log = relay.wait_log("no such user")
+    finally:
+        relay.stop()
+        hop.stop()
+    assert dsn.mail_from == "" and dsn.rcpt_tos == [SENDER]
+    assert b"no such user?X-Injected: yes ?[31mred?" in dsn.content, dsn.content
+    assert b"\x1b" not in dsn.content and b"\x07" not in dsn.content
+    assert b"\r" not in dsn.content.replace(b"\r\n", b""), dsn.content    # no bare CR anywhere
+    assert "no such user?X-Injected: yes ?[31mred?" in log and "\x1b" not in log
