@@ -93,12 +93,35 @@ def normalize_ip(ip: str) -> str:
 class AuthThrottle:
     """Failed AUTH attempts per client IP: slow down, then lock out for a while.
 
-    Only the failing IP waits (an asyncio sleep, not a blocked loop)."""
+    Only the failing IP waits (an asyncio sleep, not a blocked loop).  The
+    failures of addresses seen once are swept when they leave
+    auth_failure_window (every SWEEP_EVERY new addresses), and at most
+    MAX_TRACKED addresses are remembered, the oldest dropped first: a botnet,
+    or one IPv6 host walking its /64, must not grow the relay without bound."""
+
+    MAX_TRACKED = 20_000
+    SWEEP_EVERY = 1_000
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self._failures: dict[str, deque[float]] = {}
         self._locked_until: dict[str, float] = {}
+        self._new_since_sweep = 0
+
+    def tracked(self) -> int:
+        return len(self._failures) + len(self._locked_until)
+
+    def _sweep(self, now: float) -> None:
+        horizon = now - self.cfg.auth_failure_window
+        for ip in [ip for ip, q in self._failures.items() if q[-1] < horizon]:
+            del self._failures[ip]
+        for ip in [ip for ip, until in self._locked_until.items() if until <= now]:
+            del self._locked_until[ip]
+        while len(self._failures) >= self.MAX_TRACKED:   # room for the one being added
+            del self._failures[next(iter(self._failures))]
+        while len(self._locked_until) > self.MAX_TRACKED:
+            del self._locked_until[next(iter(self._locked_until))]
+        self._new_since_sweep = 0
 
     def locked(self, ip: str, now: float) -> bool:
         until = self._locked_until.get(ip)
@@ -112,7 +135,12 @@ class AuthThrottle:
 
     def fail(self, ip: str, now: float) -> float:
         """Record a failure; return how long to wait before answering."""
-        q = self._failures.setdefault(ip, deque())
+        q = self._failures.get(ip)
+        if q is None:
+            self._new_since_sweep += 1
+            if self._new_since_sweep >= self.SWEEP_EVERY or len(self._failures) >= self.MAX_TRACKED:
+                self._sweep(now)
+            q = self._failures[ip] = deque()
         q.append(now)
         while q and q[0] < now - self.cfg.auth_failure_window:
             q.popleft()
@@ -171,7 +199,7 @@ class SmtpServer:
         self.policy = policy
         self.quota = quota
         self.hostname = config.server.hostname
-        self.auth_throttle = AuthThrottle(config.server)
+        self.auth_throttle = AuthThrottle(config.server)   # a reload lifts lockouts (docs/relay-errors.md)
         self.banner = f"220 {self.hostname} ESMTP fastrelay\r\n".encode()
         self.data_memory_limit = data_memory_limit(config.server)
         size = config.server.max_message_size

@@ -42,6 +42,9 @@ from conftest import (
     write_config,
 )
 
+from fastrelay.config import ServerConfig
+from fastrelay.server import AuthThrottle
+
 SWAKS = shutil.which("swaks")
 needs_swaks = pytest.mark.skipif(SWAKS is None, reason="swaks is not installed (Debian package swaks)")
 
@@ -564,3 +567,24 @@ def test_reload_lifts_lockouts(auth_relay: RelayProcess) -> None:
         assert client.cmd(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD)) == AUTH_OK
     finally:
         client.close()
+
+
+def test_failures_from_many_addresses_are_forgotten_once_out_of_the_window() -> None:
+    """Each client address that fails AUTH once used to stay in memory for good: a botnet,
+    or one IPv6 host walking its /64, could grow the relay without bound.  Failures older
+    than auth_failure_window are swept, and at most MAX_TRACKED addresses are kept."""
+    cfg = ServerConfig(auth_failure_window=600.0)
+    throttle = AuthThrottle(cfg)
+    for i in range(50_000):
+        throttle.fail(f"2001:db8::{i:x}", now=1000.0 + i * 0.001)
+    assert throttle.tracked() <= AuthThrottle.MAX_TRACKED
+    # Past the window, the next failures find the old ones gone.
+    for i in range(10):
+        throttle.fail(f"192.0.2.{i}", now=1000.0 + 50 + 601.0)
+    assert throttle.tracked() <= 10 + AuthThrottle.SWEEP_EVERY
+    # A lockout within the window still holds.
+    for _ in range(cfg.auth_failures_before_lockout):
+        throttle.fail("198.51.100.7", now=2000.0)
+    assert throttle.locked("198.51.100.7", 2000.0 + 1)
+    assert not throttle.locked("198.51.100.8", 2000.0 + 1)
+
