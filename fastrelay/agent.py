@@ -78,6 +78,10 @@ INLINE_READ = 256 * 1024
 # open, for its next transfer before it leaves the connection to the cache.
 LINGER = 2.0
 
+# Suspensions of unreachable destinations are swept of expired entries when
+# their number has doubled since the last sweep, starting here.
+SUSPENSIONS_SWEEP_MIN = 1024
+
 
 def _never() -> bool:
     return False
@@ -101,6 +105,41 @@ class Transfer:
     location: Location       # the body in the spool
     done: Callable[[list[RecipientResult], NextHop | None], None]
     cancelled: Callable[[], bool] = _never   # checked before the transfer starts
+
+
+class Suspensions:
+    """Destinations that could not be reached: until when, and the result that
+    transfers to them get meanwhile, without a connection attempt.
+
+    An entry is dropped when its destination is asked for after it expired,
+    and, for destinations never asked for again (a spam run to dead domains),
+    by a sweep each time the table has doubled since the last one."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, RecipientResult]] = {}
+        self._sweep_at = SUSPENSIONS_SWEEP_MIN
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str, now: float) -> RecipientResult | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if now < entry[0]:
+            return entry[1]
+        del self._entries[key]
+        return None
+
+    def add(self, key: str, until: float, result: RecipientResult, now: float) -> None:
+        self._entries[key] = (until, result)
+        if len(self._entries) >= self._sweep_at:
+            for gone in [k for k, (end, _) in self._entries.items() if end <= now]:
+                del self._entries[gone]
+            self._sweep_at = max(SUSPENSIONS_SWEEP_MIN, 2 * len(self._entries))
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 # -- the sessions ------------------------------------------------------------------------
@@ -140,9 +179,7 @@ class SessionPool:
         self.waiting: dict[str, None] = {}    # destination keys with transfers but no session (ordered set)
         self.sessions = 0
         self.closed = False
-        # Destinations that could not be reached: until when, and the result
-        # that transfers to them get meanwhile without a connection attempt.
-        self.suspended: dict[str, tuple[float, RecipientResult]] = {}
+        self.suspended = Suspensions()
         self.connections = ConnectionCache(config.delivery.connection_idle_time)
         self._contents: dict[Location, _Content] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -308,12 +345,10 @@ class SessionPool:
             if conn is None:
                 conn = self.connections.take(key)
             if conn is None:
-                suspended = self.suspended.get(key)
+                suspended = self.suspended.get(key, self.loop.time())
                 if suspended is not None:
-                    if self.loop.time() < suspended[0]:
-                        self._fail_queue(queue, transfer, suspended[1])
-                        return None
-                    del self.suspended[key]
+                    self._fail_queue(queue, transfer, suspended)
+                    return None
                 try:
                     conn = await self._connect(queue)
                 except RoutingError as exc:
@@ -354,7 +389,8 @@ class SessionPool:
             # neither for the transfers waiting here nor for those that come
             # before the first retry delay is over.
             result = result._replace(detail=f"{SUSPENDED}{result.detail}")
-            self.suspended[queue.destination.key] = (self.loop.time() + self.suspend_time, result)
+            now = self.loop.time()
+            self.suspended.add(queue.destination.key, now + self.suspend_time, result, now)
         while queue.transfers:
             waiting = queue.transfers.popleft()
             self._finish(waiting, [result] * len(waiting.recipients), None)

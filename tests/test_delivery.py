@@ -29,6 +29,8 @@ from conftest import Certs, RelayProcess, free_port
 from dns_server import TestDns
 from sink import Sink
 
+from fastrelay.agent import SUSPENSIONS_SWEEP_MIN, Suspensions
+from fastrelay.smtp_client import deferred
 from fastrelay.spool import MessageState, Spool
 
 SENDER = "alice@example.com"
@@ -1136,3 +1138,21 @@ def test_a_long_deferred_message_is_copied_forward_and_the_segments_it_kept_go(t
     assert message.state.state == MessageState.DEFERRED and message.state.attempts == 1
     assert "451 4.3.0 Try again later" in message.state.last_error
     assert again.read_body(message) == stuck_body
+
+
+def test_suspensions_of_destinations_never_asked_for_again_do_not_pile_up() -> None:
+    """A spam run to a hundred thousand dead domains suspends each once; none is asked
+    for again.  The table keeps about what is still suspended, not every domain seen."""
+    result = deferred("connect to mx.dead.test: Connection refused", "4.4.1")
+    table = Suspensions()
+    largest = 0
+    for i in range(100_000):
+        now = i * 0.01                               # 100 new dead domains a second
+        table.add(f"dead{i}.test", now + 60.0, result, now)
+        largest = max(largest, len(table))
+    assert largest < 2 * 60 * 100 + SUSPENSIONS_SWEEP_MIN     # about 60 s worth of domains, not 100,000
+    now = 100_000 * 0.01
+    assert table.get(f"dead{99_999}.test", now) == result     # still suspended
+    assert table.get("dead0.test", now) is None               # long expired
+    before = len(table)
+    assert table.get(f"dead{99_000}.test", now + 61.0) is None and len(table) == before - 1
