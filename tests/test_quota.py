@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fastrelay import replies
-from fastrelay.config import load_config
+from fastrelay.config import Config, load_config
 from fastrelay.policy import Directory, RelayPolicy, SessionFacts
 from fastrelay.quota import QuotaBook, QuotaJournal
 
@@ -321,22 +321,33 @@ def test_redis_unreachable_allow(relay_factory) -> None:  # type: ignore[no-unty
 # -- the journal and its snapshots -----------------------------------------------------
 
 
-def test_snapshot_taken_while_a_flush_is_in_flight_counts_each_event_once(tmp_path: Path) -> None:
-    """A message counted while the journal is being written must land in exactly one of the
-    snapshot and the journals after it: in both, it would count twice after a restart."""
+def _journal_setup(tmp_path: Path) -> tuple[Config, RelayPolicy, Path]:
+    """The default limits (none is met here), a policy, and an empty state directory."""
     cfg = tmp_path / "relay.toml"
     cfg.write_text('[server]\nhostname = "relay.example.test"\nlisten = ["127.0.0.1:2525"]\n'
                    + ACCOUNTS.format(status="active"))
-    config = load_config(cfg)
-    policy = RelayPolicy(Directory(config))
     state = tmp_path / "quota"
     state.mkdir()
+    config = load_config(cfg)
+    return config, RelayPolicy(Directory(config)), state
+
+
+def _journal(book: QuotaBook, state: Path) -> QuotaJournal:
+    """Restored from ``state``, flushed and snapshotted only when the test says so."""
+    journal = QuotaJournal(book, state, flush_interval=3600, snapshot_interval=3600)
+    book.journal = journal
+    journal.restore()
+    return journal
+
+
+def test_snapshot_taken_while_a_flush_is_in_flight_counts_each_event_once(tmp_path: Path) -> None:
+    """A message counted while the journal is being written must land in exactly one of the
+    snapshot and the journals after it: in both, it would count twice after a restart."""
+    config, policy, state = _journal_setup(tmp_path)
 
     async def counted_then_restored() -> tuple[int, int]:
         book = QuotaBook(config)
-        journal = QuotaJournal(book, state, flush_interval=3600, snapshot_interval=3600)
-        book.journal = journal
-        journal.restore()
+        journal = _journal(book, state)
         loop = asyncio.get_running_loop()
         assert transaction(book, policy, "alice@example.com", ["a@x"]) == [None, None]
         flushing = loop.create_task(journal.flush(loop))
@@ -350,7 +361,7 @@ def test_snapshot_taken_while_a_flush_is_in_flight_counts_each_event_once(tmp_pa
         assert book.usage("alice@example.com") == (4, 4)
         await journal.flush(loop)         # then a crash: no final snapshot
         again = QuotaBook(config)
-        QuotaJournal(again, state, flush_interval=3600, snapshot_interval=3600).restore()
+        _journal(again, state)
         return again.usage("alice@example.com")
 
     assert asyncio.run(counted_then_restored()) == (4, 4)
@@ -360,19 +371,11 @@ def test_a_snapshot_that_cannot_open_the_next_journal_is_skipped_and_counting_go
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The state directory vanished under the relay: the snapshot says so and changes nothing;
     the journal in use keeps taking events (its descriptor is still open)."""
-    cfg = tmp_path / "relay.toml"
-    cfg.write_text('[server]\nhostname = "relay.example.test"\nlisten = ["127.0.0.1:2525"]\n'
-                   + ACCOUNTS.format(status="active"))
-    config = load_config(cfg)
-    policy = RelayPolicy(Directory(config))
-    state = tmp_path / "quota"
-    state.mkdir()
+    config, policy, state = _journal_setup(tmp_path)
 
     async def run() -> None:
         book = QuotaBook(config)
-        journal = QuotaJournal(book, state, flush_interval=3600, snapshot_interval=3600)
-        book.journal = journal
-        journal.restore()
+        journal = _journal(book, state)
         loop = asyncio.get_running_loop()
         assert transaction(book, policy, "alice@example.com", ["a@x"]) == [None, None]
         shutil.rmtree(state)

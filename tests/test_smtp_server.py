@@ -702,16 +702,22 @@ def test_sigterm_closes_idle_connections_and_exits_0(relay: RelayProcess) -> Non
     assert "shutdown: done" in relay.log()
 
 
+def sigterm_during_data(relay: RelayProcess, subject: bytes) -> RawClient:
+    """A session in the middle of its content when SIGTERM comes; returned once the relay drains."""
+    client = RawClient(relay.port)
+    assert client.cmd(EHLO)[:3] == b"250"
+    client.send(MAIL + RCPT_LINE + b"DATA\r\n" + b"Subject: " + subject + b"\r\n\r\n")
+    assert [client.reply() for _ in range(3)][-1] == wire(replies.START_DATA)
+    assert relay.proc is not None
+    relay.proc.send_signal(signal.SIGTERM)
+    relay.wait_log("shutdown: draining")
+    return client
+
+
 def test_sigterm_lets_an_open_transaction_finish(relay_factory: object) -> None:
     relay: RelayProcess = relay_factory()  # type: ignore[operator]
-    client = RawClient(relay.port)
+    client = sigterm_during_data(relay, b"drain")
     try:
-        assert client.cmd(EHLO)[:3] == b"250"
-        client.send(MAIL + RCPT_LINE + b"DATA\r\n" + b"Subject: drain\r\n\r\n")
-        assert [client.reply() for _ in range(3)][-1] == wire(replies.START_DATA)
-        assert relay.proc is not None
-        relay.proc.send_signal(signal.SIGTERM)
-        relay.wait_log("shutdown: draining")
         # The listener is closed at once.
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", relay.port), timeout=5).close()
@@ -720,7 +726,7 @@ def test_sigterm_lets_an_open_transaction_finish(relay_factory: object) -> None:
         assert client.closed()
     finally:
         client.close()
-    assert relay.proc.wait(20) == 0
+    assert relay.proc is not None and relay.proc.wait(20) == 0
     relay.stop()
     [(envelope, body)] = relay.queued()
     assert envelope.queue_id == queue_id  # type: ignore[attr-defined]
@@ -732,14 +738,9 @@ def test_signals_repeated_during_the_drain_stop_the_relay_once(relay_factory: ob
     one shutdown, not two running side by side (which closed the quota journal twice,
     died with a traceback and left the process running)."""
     relay: RelayProcess = relay_factory()  # type: ignore[operator]
-    client = RawClient(relay.port)
+    client = sigterm_during_data(relay, b"twice")
     try:
-        assert client.cmd(EHLO)[:3] == b"250"
-        client.send(MAIL + RCPT_LINE + b"DATA\r\n" + b"Subject: twice\r\n\r\n")
-        assert [client.reply() for _ in range(3)][-1] == wire(replies.START_DATA)
         assert relay.proc is not None
-        relay.proc.send_signal(signal.SIGTERM)
-        relay.wait_log("shutdown: draining")
         relay.proc.send_signal(signal.SIGTERM)
         relay.proc.send_signal(signal.SIGINT)
         relay.wait_log("shutdown: already under way")
