@@ -201,7 +201,10 @@ class Relay:
                 pending = step()
                 if pending is not None:
                     await pending
-            except Exception:
+            except OSError as exc:   # the environment (a full disk, a removed directory): one line
+                log.error("shutdown: closing the %s failed: %s", name, exc)
+                self.exit_status = 1
+            except Exception:        # a fault of ours: the traceback is worth having
                 log.exception("shutdown: closing the %s failed", name)
                 self.exit_status = 1
         log.info("shutdown: done")
