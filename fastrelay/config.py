@@ -63,6 +63,9 @@ class ServerConfig(Section, frozen=True):
     tls_handshake_timeout: float = 30.0
     # How long SIGTERM waits for open transactions before answering 421.
     drain_timeout: float = 30.0
+    # 4xx/5xx replies in one session before it is closed with 421 (Postfix's
+    # smtpd_hard_error_limit): recipient harvesting, stuck devices, scanners.
+    hard_error_limit: int = 20
     # AUTH brute-force throttle: failures per IP within auth_failure_window
     # before replies are slowed, and before the IP is locked out.
     auth_failures_before_delay: int = 3
@@ -429,7 +432,7 @@ def validate(config: Config) -> None:
         fail("server.max_hops", "must be at least 2")
     check = NumberCheck(fail)
     for key in ("max_connections", "max_connections_per_ip", "auth_failures_before_delay",
-                "auth_failures_before_lockout"):
+                "auth_failures_before_lockout", "hard_error_limit"):
         check.at_least(f"server.{key}", getattr(s, key), 1)
     for key in ("command_timeout", "data_timeout", "tls_handshake_timeout", "auth_failure_window", "auth_lockout"):
         check.positive(f"server.{key}", getattr(s, key))

@@ -19,7 +19,7 @@ whole.
 Config keys read: [server] hostname, max_message_size, max_data_memory,
 max_connections, max_connections_per_ip, bare_newline, command_timeout, data_timeout,
 tls_handshake_timeout, drain_timeout, auth_failures_before_delay,
-auth_failures_before_lockout, auth_failure_window, auth_lockout.
+auth_failures_before_lockout, auth_failure_window, auth_lockout, hard_error_limit.
 """
 
 from __future__ import annotations
@@ -311,6 +311,7 @@ class SmtpSession(asyncio.Protocol):
         "auth_user", "last_activity", "reading_paused", "writing_paused", "_auth_login_user",
         "command", "_unsent", "decision", "quota_txn", "sender", "recipients", "smtputf8",
         "body_8bit", "dot_lines", "declared_size", "chunks", "data_size", "held", "tail", "dropped",
+        "errors",
     )
 
     def __init__(self, server: SmtpServer, implicit_tls: bool) -> None:
@@ -325,6 +326,7 @@ class SmtpSession(asyncio.Protocol):
         self.closing = False
         self.draining = False
         self.discarding = False        # inside an over-long line: drop until CRLF
+        self.errors = 0                # 4xx/5xx replies so far (hard_error_limit)
         self.tls_pending = False
         self.tls = implicit_tls
         self.tls_info: str | None = None
@@ -472,27 +474,30 @@ class SmtpSession(asyncio.Protocol):
                 line_end = nl + 1
                 if self.discarding:
                     self.discarding = False
-                    out.append(replies.LINE_TOO_LONG)
-                    pos = line_end
-                    continue
-                if nl == pos or buf[nl - 1] != 13:  # 13 == "\r": this is a bare LF
-                    out.append(replies.BARE_NEWLINE_COMMAND)
-                    pos = line_end
-                    continue
-                line = buf[pos:nl - 1]
-                if len(line) + 2 > MAX_COMMAND_LINE and len(line) + 2 > self._line_limit(buf, pos):
-                    pos = line_end
-                    out.append(replies.LINE_TOO_LONG)
-                    continue
+                    reply, line = replies.LINE_TOO_LONG, b""
+                elif nl == pos or buf[nl - 1] != 13:  # 13 == "\r": this is a bare LF
+                    reply, line = replies.BARE_NEWLINE_COMMAND, b""
+                else:
+                    line = buf[pos:nl - 1]
+                    if len(line) + 2 > MAX_COMMAND_LINE and len(line) + 2 > self._line_limit(buf, pos):
+                        reply = replies.LINE_TOO_LONG
+                    elif b"\r" in line:
+                        reply = replies.BARE_NEWLINE_COMMAND
+                    else:
+                        pos = line_end
+                        answer = self._dispatch(line)
+                        if answer is None:
+                            continue
+                        out.append(answer)
+                        if answer[0] >= 52:  # "4" or "5": a refusal
+                            self.server.count_refusal(self, answer, line)
+                            if self._too_many_errors(out):
+                                break
+                        continue
                 pos = line_end
-                if b"\r" in line:
-                    out.append(replies.BARE_NEWLINE_COMMAND)
-                    continue
-                reply = self._dispatch(line)
-                if reply is not None:
-                    out.append(reply)
-                    if reply[0] >= 52:  # "4" or "5": a refusal
-                        self.server.count_refusal(self, reply, line)
+                out.append(reply)
+                if self._too_many_errors(out):
+                    break
         except Exception:
             # Errors never escape the hot path: answer a temporary failure.
             log.exception("session [%s]: internal error", self.client_ip)
@@ -503,7 +508,21 @@ class SmtpSession(asyncio.Protocol):
         self.buffer = buf[pos:]
         if out and not self.closing:
             self.transport.write(b"".join(out))
+            if out[-1] is replies.TOO_MANY_ERRORS:
+                self.server.count_refusal(self, replies.TOO_MANY_ERRORS)
+                self.closing = True
+                self.transport.close()
         out.clear()
+
+    def _too_many_errors(self, out: list[bytes]) -> bool:
+        """Count an error reply; at hard_error_limit (Postfix's smtpd_hard_error_limit)
+        add the 421 that ends the session, and say so."""
+        self.errors += 1
+        if self.errors < self.cfg.hard_error_limit:
+            return False
+        log.info("too many errors (%d) from %s[%s]", self.errors, self.helo or "unknown", self.client_ip)
+        out.append(replies.TOO_MANY_ERRORS)
+        return True
 
     def _line_limit(self, buf: bytes, pos: int) -> int:
         """512 octets, or 12288 for AUTH lines (RFC 4954 §4); asked only of long lines."""
@@ -552,6 +571,9 @@ class SmtpSession(asyncio.Protocol):
             self.transport.write(reply)
             if reply[0] >= 52:
                 self.server.count_refusal(self, reply)
+                ending: list[bytes] = []
+                if self._too_many_errors(ending):
+                    self.close_with(b"".join(ending))
         if self.closing:
             return
         if self.draining and self.state in (State.READY, State.GREETED):
@@ -1019,6 +1041,9 @@ class SmtpSession(asyncio.Protocol):
         self._reset_transaction()
         self.state = State.READY
         self.transport.write(reply)
+        ending: list[bytes] = []
+        if self._too_many_errors(ending):
+            self.close_with(b"".join(ending))
 
     def _log_data_refusal(self, why: str) -> None:
         log.info("NOQUEUE: reject: DATA from %s[%s]: %s; from=<%s> nrcpt=%d",

@@ -362,15 +362,18 @@ def start_tls(client: RawClient, context: ssl.SSLContext, server_hostname: str =
 
 
 @pytest.fixture(scope="module")
-def module_relay(tmp_path_factory: pytest.TempPathFactory, certs: Certs, alice_hash: str) -> Iterator[RelayProcess]:
+def module_relay(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, certs: Certs,
+                 alice_hash: str) -> Iterator[RelayProcess]:
     """One relay with the default config shared by a module's tests (saves a start per test).
 
     Only for tests that leave no state behind that another test could see
-    (every check goes through the test's own queue ids)."""
+    (every check goes through the test's own queue ids).  A module may set
+    MODULE_RELAY_SERVER_EXTRA: lines added to the relay's [server] section."""
     directory = tmp_path_factory.mktemp("module-relay")
     port, tls_port = free_port(), free_port()
     config_path = write_config(directory, certs, port, tls_port,
-                               accounts=DEFAULT_ACCOUNTS.replace("{alice_hash}", alice_hash))
+                               accounts=DEFAULT_ACCOUNTS.replace("{alice_hash}", alice_hash),
+                               server_extra=getattr(request.module, "MODULE_RELAY_SERVER_EXTRA", ""))
     relay = RelayProcess(directory, port, tls_port, certs, config_path)
     relay.start()
     yield relay

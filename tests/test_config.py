@@ -238,6 +238,7 @@ BAD_NUMBERS = [
     ("server", "command_timeout = nan", "server.command_timeout", "nan is not a finite number"),
     ("server", "data_timeout = inf", "server.data_timeout", "inf is not a finite number"),
     ("server", "auth_failures_before_delay = 0", "server.auth_failures_before_delay", "must be at least 1"),
+    ("server", "hard_error_limit = 0", "server.hard_error_limit", "must be at least 1"),
     ("server", "auth_failures_before_lockout = 0", "server.auth_failures_before_lockout", "must be at least 1"),
     ("server", "auth_failure_window = 0", "server.auth_failure_window", "must be positive"),
     ("server", "auth_lockout = -5.0", "server.auth_lockout", "must be positive"),

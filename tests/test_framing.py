@@ -24,6 +24,11 @@ from hypothesis import strategies as st
 
 from fastrelay import replies
 
+
+# These tests send hundreds of refused messages on one connection on purpose; the
+# session's error limit (hard_error_limit, tested in test_smtp_server.py) is moved aside.
+MODULE_RELAY_SERVER_EXTRA = "hard_error_limit = 1000000"
+
 HELO = "client.example.com"
 SENDER = "bob@example.com"
 RCPT = "carol@dest.test"

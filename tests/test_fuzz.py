@@ -62,6 +62,7 @@ HOSTNAME = "relay.example.test"
 MAX_SIZE = 2048          # small, so that the size limit is met often
 MAX_LINE = 512           # RFC 5321 §4.5.3.1.4, with its CRLF
 MAX_RCPTS = 5            # recipients per transaction: small, so that the limit is met often
+HARD_ERROR_LIMIT = 8     # 4xx/5xx replies before the session is closed: met by many junk sessions
 
 CONFIG = """
 [server]
@@ -70,6 +71,7 @@ listen = ["127.0.0.1:2525"]
 spool_dir = "spool"
 max_message_size = {max_size}
 bare_newline = "{bare_newline}"
+hard_error_limit = {hard_error_limit}
 
 [[accounts]]
 name = "example"
@@ -113,7 +115,7 @@ class Harness:
     def __init__(self, bare_newline: str, directory: Path) -> None:
         path = directory / f"relay-{bare_newline}.toml"
         path.write_text(CONFIG.format(hostname=HOSTNAME, max_size=MAX_SIZE, bare_newline=bare_newline,
-                                     max_rcpts=MAX_RCPTS))
+                                     max_rcpts=MAX_RCPTS, hard_error_limit=HARD_ERROR_LIMIT))
         self.config: Config = load_config(path)
         self.policy: RelayPolicy = build_policy(self.config)
 
@@ -207,6 +209,7 @@ class Rfc5321Model:
     replies: list[tuple[bytes, ...]] = field(default_factory=list)   # acceptable first lines (prefixes)
     stored: list[bytes] = field(default_factory=list)
     closed: bool = False
+    errors: int = 0
 
     def run(self, stream: bytes) -> Rfc5321Model:
         state, recipients, pos = "greeted", 0, 0
@@ -231,6 +234,13 @@ class Rfc5321Model:
 
     def _say(self, *alternatives: bytes) -> None:
         self.replies.append(alternatives)
+        # Every alternative of one answer is of the same class; the session ends at
+        # hard_error_limit 4xx/5xx replies (the relay's, as Postfix's smtpd_hard_error_limit).
+        if alternatives[0][:1] in (b"4", b"5"):
+            self.errors += 1
+            if self.errors >= HARD_ERROR_LIMIT:
+                self.replies.append((wire(replies.TOO_MANY_ERRORS),))
+                self.closed = True
 
     def _line(self, line: bytes, state: str, recipients: int) -> tuple[str, int]:
         bare = not line.endswith(b"\r\n")

@@ -477,18 +477,23 @@ def test_random_binary_garbage(module_relay: RelayProcess, seed: int) -> None:
         # Without CR or LF: one line, answered once.
         line = bytes(b for b in rng.randbytes(400) if b not in (10, 13))
         assert client.cmd(b"\x00" + line) == wire(replies.SYNTAX_ERROR)
-        # With CR and LF anywhere: every reply is a 5xx, then the session goes on.
+        # With CR and LF anywhere (about 150 lines): every reply is a 5xx until the
+        # session has had hard_error_limit (20) of them; then 421, and it is closed.
         junk = b"\x00" + rng.randbytes(20_000)
         client.send(junk + b"\r\nNOOP\r\n")
-        while True:
-            reply = client.reply()
-            if reply == wire(replies.NOOP_OK):
-                break
+        errors = 1
+        while (reply := client.reply()) != wire(replies.TOO_MANY_ERRORS):
             assert reply[:1] == b"5", reply
-        assert client.cmd(b"NOOP") == wire(replies.NOOP_OK)
-        assert client.cmd(MAIL) == wire(replies.SENDER_OK)
+            errors += 1
+        assert errors == 20 and client.closed()
     finally:
         client.close()
+    again = RawClient(module_relay.port)       # the relay itself goes on
+    try:
+        assert again.cmd(EHLO)[:3] == b"250"
+        assert again.cmd(MAIL) == wire(replies.SENDER_OK)
+    finally:
+        again.close()
 
 
 @pytest.mark.parametrize("line", [b"EHLO", b"EHLO    ", b"HELO"])
@@ -863,3 +868,28 @@ def test_a_message_with_too_many_hops_is_refused_as_a_loop(module_relay: RelayPr
         # The session goes on.
         assert send_one(smtp) != queue_id
     module_relay.wait_log("too many hops (max_hops = 50)")
+
+
+def test_a_session_is_closed_after_hard_error_limit_errors(relay_factory: object) -> None:
+    """As Postfix's smtpd_hard_error_limit (20): a client that keeps getting 4xx/5xx replies
+    (a recipient harvester, a stuck device, a scanner) is cut off.  Every kind of error
+    counts: unknown commands, refused recipients, framing errors, refused content."""
+    relay: RelayProcess = relay_factory(server_extra="hard_error_limit = 5")  # type: ignore[operator]
+    client = RawClient(relay.port)
+    try:
+        assert client.cmd(EHLO)[:3] == b"250"
+        assert client.cmd(b"FROB") == wire(replies.SYNTAX_ERROR)                    # 1
+        assert client.cmd(b"RCPT TO:<carol@dest.test>") == wire(replies.NEED_MAIL)  # 2
+        assert client.cmd(b"NOOP\rNOOP") == wire(replies.BARE_NEWLINE_COMMAND)      # 3
+        assert client.cmd(b"NOOP") == wire(replies.NOOP_OK)                         # not an error
+        assert client.cmd(MAIL) == wire(replies.SENDER_OK)
+        assert client.cmd(b"RCPT TO:<carol>") == wire(replies.BAD_RCPT_SYNTAX)       # 4
+        assert client.cmd(b"VRFY carol")[:3] == b"252"                                # not an error
+        # The fifth error, pipelined with a command that is never answered: its reply, then 421.
+        client.send(b"DATA\r\nNOOP\r\n")
+        assert client.reply() == wire(replies.NO_VALID_RECIPIENTS)                   # 5
+        assert client.reply() == wire(replies.TOO_MANY_ERRORS)
+        assert client.closed()
+    finally:
+        client.close()
+    assert "too many errors (5) from client.example.com[127.0.0.1]" in relay.wait_log("too many errors")
