@@ -36,6 +36,15 @@ DATE_FORMAT = "%b %d %H:%M:%S"
 _direct: BatchedLogHandler | None = None
 
 
+def printable(text: str, placeholder: str) -> str:
+    """``text`` with each character that is not printable (control characters, line
+    ends, bidi overrides) replaced: text from clients and next hops goes into the
+    log, bounces and administrators' terminals."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else placeholder for c in text)
+
+
 def install(logger: logging.Logger, handler: BatchedLogHandler) -> None:
     """Make ``handler`` the only output of ``logger`` (and of MailLog's fast path)."""
     global _direct

@@ -413,7 +413,7 @@ class QuotaJournal:
         self.book.clock = LogicalClock(floor)
         log.info("quota: restored %d user(s), %d account(s); %d journal event(s) replayed",
                  len(self.book.users), len(self.book.orgs), replayed)
-        self._open(self.number)
+        self._fd = self._open_journal(self.number)
 
     def _journals(self) -> list[tuple[int, Path]]:
         out = []
@@ -423,12 +423,6 @@ class QuotaJournal:
             except ValueError:
                 continue
         return out
-
-    def _open(self, number: int) -> None:
-        fd = self._open_journal(number)
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd, self.number = fd, number
 
     def _open_journal(self, number: int) -> int:
         return os.open(self.directory / f"journal.{number}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -530,8 +524,7 @@ class QuotaJournal:
         for task in self._tasks:
             task.cancel()
         loop = asyncio.get_running_loop()
-        await self.flush(loop)
-        await self._settle()
+        await self.flush(loop)   # also waits for a write the cancelled flusher left running
         covered, old_fd, data = self._switch_journal()
         await self._write(loop, old_fd, data, close=True)
         try:

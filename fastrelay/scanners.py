@@ -46,6 +46,7 @@ from ._core import (
 )
 from .config import parse_hostport
 from .errors import FastrelayError
+from .logs import printable
 from .spool import Envelope
 
 CLEAN = "clean"
@@ -136,7 +137,7 @@ class ContentFacts(NamedTuple):
         # An encoded word can carry anything: line ends would break the notices' lines,
         # escapes and bidi overrides would reach an administrator's terminal
         # (`fastrelay quarantine list`) and the log.  Shown as spaces.
-        return "".join(c if c.isprintable() else " " for c in _decode_header(self.subject_raw)[:200])
+        return printable(_decode_header(self.subject_raw)[:200], " ")
 
 
 def _bad_attachment(head: bytes, lowered: bytes, body: bytes, text_start: int) -> str:

@@ -491,12 +491,14 @@ class SmtpSession(asyncio.Protocol):
                         out.append(answer)
                         if answer[0] >= 52:  # "4" or "5": a refusal
                             self.server.count_refusal(self, answer, line)
-                            if self._too_many_errors(out):
+                            if self._too_many_errors():
+                                out.append(replies.TOO_MANY_ERRORS)
                                 break
                         continue
                 pos = line_end
                 out.append(reply)
-                if self._too_many_errors(out):
+                if self._too_many_errors():
+                    out.append(replies.TOO_MANY_ERRORS)
                     break
         except Exception:
             # Errors never escape the hot path: answer a temporary failure.
@@ -514,14 +516,13 @@ class SmtpSession(asyncio.Protocol):
                 self.transport.close()
         out.clear()
 
-    def _too_many_errors(self, out: list[bytes]) -> bool:
-        """Count an error reply; at hard_error_limit (Postfix's smtpd_hard_error_limit)
-        add the 421 that ends the session, and say so."""
+    def _too_many_errors(self) -> bool:
+        """Count an error reply; True at hard_error_limit (Postfix's smtpd_hard_error_limit):
+        the caller then ends the session with TOO_MANY_ERRORS."""
         self.errors += 1
         if self.errors < self.cfg.hard_error_limit:
             return False
         log.info("too many errors (%d) from %s[%s]", self.errors, self.helo or "unknown", self.client_ip)
-        out.append(replies.TOO_MANY_ERRORS)
         return True
 
     def _line_limit(self, buf: bytes, pos: int) -> int:
@@ -571,9 +572,8 @@ class SmtpSession(asyncio.Protocol):
             self.transport.write(reply)
             if reply[0] >= 52:
                 self.server.count_refusal(self, reply)
-                ending: list[bytes] = []
-                if self._too_many_errors(ending):
-                    self.close_with(b"".join(ending))
+                if self._too_many_errors():
+                    self.close_with(replies.TOO_MANY_ERRORS)
         if self.closing:
             return
         if self.draining and self.state in (State.READY, State.GREETED):
@@ -1041,9 +1041,8 @@ class SmtpSession(asyncio.Protocol):
         self._reset_transaction()
         self.state = State.READY
         self.transport.write(reply)
-        ending: list[bytes] = []
-        if self._too_many_errors(ending):
-            self.close_with(b"".join(ending))
+        if self._too_many_errors():
+            self.close_with(replies.TOO_MANY_ERRORS)
 
     def _log_data_refusal(self, why: str) -> None:
         log.info("NOQUEUE: reject: DATA from %s[%s]: %s; from=<%s> nrcpt=%d",

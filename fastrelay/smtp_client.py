@@ -44,7 +44,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from .logs import MailLog
+from .logs import MailLog, printable
 from .routing import NextHop
 
 log = MailLog("fastrelay.smtp_client")
@@ -243,12 +243,9 @@ class ReplyReader(asyncio.Protocol):
                     or sep not in (b"", b" ", b"-"):
                 self._fail(ConnectionLost(f"malformed reply line {line[:60]!r}", self._replies))
                 return
-            text = line[4:].decode("utf-8", "replace")
-            if not text.isprintable():
-                # Anyone's text, bound for the log, bounces and the queue listing: a bare CR
-                # would split a header field of the bounce, an escape reach a terminal.
-                text = "".join(c if c.isprintable() else "?" for c in text)
-            self._lines.append(text)
+            # Anyone's text, bound for the log, bounces and the queue listing: a bare CR
+            # would split a header field of the bounce, an escape reach a terminal.
+            self._lines.append(printable(line[4:].decode("utf-8", "replace"), "?"))
             if sep != b"-":
                 self._replies.append(Reply(int(line[:3]), tuple(self._lines)))
                 self._lines = []
