@@ -69,8 +69,16 @@ class UniqueWindow:
 CONTENT_BARE_NEWLINE: Final[int]
 CONTENT_LEADING_DOT: Final[int]
 CONTENT_8BIT: Final[int]
+CONTENT_LONG_LINE: Final[int]
+MAX_CONTENT_LINE: Final[int]
 
-def scan_content(data: bytes | memoryview) -> int:
+class ContentScan:
+    flags: int
+    def reset(self) -> None: ...
+    def feed(self, data: bytes | bytearray | memoryview, final: bool = False) -> int: ...
+    def finish(self) -> int: ...
+
+def scan_content(data: bytes | bytearray | memoryview) -> int:
     """Flags of message content in one pass: bare CR/LF, a line starting with '.', 8-bit bytes."""
 
 def find_end_of_data(data: bytes, start: int = 0) -> int:

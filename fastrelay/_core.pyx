@@ -1224,74 +1224,132 @@ cdef class UniqueWindow:
 
 
 # ---------------------------------------------------------------------------
-# Message content: one pass at the end of DATA
+# Message content: one pass, read by read
 # ---------------------------------------------------------------------------
 #
 # Not a data structure, but the one per-byte loop on the accept path: the
 # server must know whether the content has a bare CR or LF (SMTP smuggling),
-# whether any line starts with a dot (RFC 5321 §4.5.2 unstuffing) and whether
-# it is 8-bit.  Five passes of bytes.count()/find()/isascii() over a 100 KiB
-# message cost more than the rest of its transaction; this is one pass that
-# mostly skips ordinary bytes.
+# whether any line starts with a dot (RFC 5321 §4.5.2 unstuffing), whether
+# it is 8-bit, and whether a line is longer than RFC 5322 allows.  Five
+# passes of bytes.count()/find()/isascii() over a 100 KiB message cost more
+# than the rest of its transaction; this is one pass that mostly skips
+# ordinary bytes.  The server feeds it each read as it comes, so that a
+# large message is not scanned again after its last byte, while its client
+# waits: a line and a CRLF may be cut between reads.
 
 CONTENT_BARE_NEWLINE = 1
 CONTENT_LEADING_DOT = 2
 CONTENT_8BIT = 4
-
-
-@cython.boundscheck(False)
-@cython.wraparound(False)
-def scan_content(const unsigned char[::1] data):
-    """Flags of ``data`` (bytes, or a view of them): CONTENT_BARE_NEWLINE | CONTENT_LEADING_DOT | CONTENT_8BIT."""
-    cdef Py_ssize_t n = data.shape[0]
-    cdef Py_ssize_t i = 0, j, stop
-    cdef uint64_t w
-    cdef int flags = 0
-    if n == 0:
-        return 0
-    cdef const unsigned char *p = &data[0]
-    if p[0] == 46:  # "."
-        flags |= 2
-    if p[0] == 10:  # a LF with nothing before it
-        flags |= 1
-    # Eight bytes at a time: most words of text hold no byte below 14 (no CR
-    # or LF) and, once one 8-bit byte was seen, nothing else to look for.
-    while i + 8 <= n:
-        memcpy(&w, p + i, 8)
-        if w & _HIGH_BITS:
-            flags |= 4
-        if ((w - _BYTES_14) & ~w & _HIGH_BITS) == 0:
-            i += 8
-            continue
-        stop = i + 8
-        for j in range(i, stop):
-            flags |= _control_flags(p, n, j)
-        i = stop
-    for j in range(i, n):
-        if p[j] >= 128:
-            flags |= 4
-        flags |= _control_flags(p, n, j)
-    return flags
-
+CONTENT_LONG_LINE = 8
+MAX_CONTENT_LINE = 998   # octets, CRLF and a stuffing dot not counted (RFC 5322 §2.1.1)
 
 cdef uint64_t _HIGH_BITS = 0x8080808080808080ULL
 cdef uint64_t _BYTES_14 = 0x0E0E0E0E0E0E0E0EULL
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
-cdef inline int _control_flags(const unsigned char *p, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
-    cdef unsigned char c = p[i]
-    cdef int flags = 0
-    if c == 13:
-        if i + 1 >= n or p[i + 1] != 10:
+cdef class ContentScan:
+    """The flags of content fed in pieces: CONTENT_BARE_NEWLINE | CONTENT_LEADING_DOT
+    | CONTENT_8BIT | CONTENT_LONG_LINE, as of the whole."""
+
+    cdef public int flags
+    cdef int _prev                 # the last byte fed (LF before the first)
+    cdef Py_ssize_t _line          # octets of the current line so far, its CR and a leading dot not counted
+
+    def __cinit__(self):
+        self.reset()
+
+    def reset(self):
+        self.flags = 0
+        self._prev = 10
+        self._line = 0
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def feed(self, const unsigned char[::1] data, bint final=False):
+        """Scan the next piece; with ``final``, the content ends with it.
+
+        A CR ending a piece is judged with the next piece's first byte.
+        Returns ``flags``."""
+        cdef Py_ssize_t n = data.shape[0]
+        cdef Py_ssize_t i = 0, j, stop, start
+        cdef uint64_t w
+        cdef int flags = self.flags
+        cdef unsigned char c
+        if n == 0:
+            if final:
+                self._finish()
+            return self.flags
+        cdef const unsigned char *p = &data[0]
+        if (p[0] == 10) != (self._prev == 13):   # a LF without its CR, or a CR without its LF
             flags |= 1
-    elif c == 10:
-        if i > 0 and p[i - 1] != 13:
-            flags |= 1
-        if i + 1 < n and p[i + 1] == 46:
-            flags |= 2
-    return flags
+        # Where the current line started, relative to p: before p when it
+        # began in an earlier piece.  A stuffing dot is not the line's.
+        start = -self._line
+        if self._prev == 10:
+            start = 0
+            if p[0] == 46:
+                flags |= 2
+                start = 1
+        # Eight bytes at a time: most words of text hold no byte below 14 (no CR
+        # or LF) and, once one 8-bit byte was seen, nothing else to look for.
+        while True:
+            if i + 8 <= n:
+                memcpy(&w, p + i, 8)
+                if w & _HIGH_BITS:
+                    flags |= 4
+                if ((w - _BYTES_14) & ~w & _HIGH_BITS) == 0:
+                    i += 8
+                    continue
+                stop = i + 8
+            elif i < n:
+                stop = n
+            else:
+                break
+            for j in range(i, stop):
+                c = p[j]
+                if c >= 128:
+                    flags |= 4
+                elif c == 13:
+                    if j + 1 < n:
+                        if p[j + 1] != 10:
+                            flags |= 1
+                    elif final:
+                        flags |= 1
+                elif c == 10:
+                    if j > 0 and p[j - 1] != 13:   # the first byte was judged against _prev
+                        flags |= 1
+                    if j - start - (1 if j > 0 and p[j - 1] == 13 or j == 0 and self._prev == 13 else 0) \
+                            > MAX_CONTENT_LINE:
+                        flags |= 8
+                    start = j + 1
+                    if j + 1 < n and p[j + 1] == 46:
+                        flags |= 2
+                        start = j + 2
+            i = stop
+        self._line = n - start if start <= n else 0
+        self._prev = p[n - 1]
+        self.flags = flags
+        if final:
+            self._finish()
+        return self.flags
+
+    def finish(self):
+        """The content ended with the last piece fed; returns ``flags``."""
+        self._finish()
+        return self.flags
+
+    cdef void _finish(self):
+        # The content ended on this piece: a CR or a line left open is all there is.
+        if self._prev == 13:
+            self.flags |= 1
+        if self._line - (1 if self._prev == 13 else 0) > MAX_CONTENT_LINE:
+            self.flags |= 8
+
+
+def scan_content(const unsigned char[::1] data):
+    """The flags of ``data`` as a whole content (see ContentScan)."""
+    scan = ContentScan()
+    return scan.feed(data, True)
 
 
 @cython.boundscheck(False)

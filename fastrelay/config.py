@@ -53,6 +53,10 @@ class ServerConfig(Section, frozen=True):
     # "reject": a bare CR or LF in DATA refuses the message (SMTP smuggling defence).
     # "normalize": a bare LF in content is taken as CRLF (legacy devices).
     bare_newline: Literal["reject", "normalize"] = "reject"
+    # A content line longer than RFC 5322's 998 octets: "accept" passes it
+    # as it is (and logs it), as Postfix, Exchange and Gmail accept such mail;
+    # "reject" refuses the message with 554 5.6.0.
+    long_lines: Literal["accept", "reject"] = "accept"
     # RFC 5321 §6.3: a message that already carries this many Received:
     # headers is in a mail loop (Postfix's hopcount_limit is 50).
     max_hops: int = 50

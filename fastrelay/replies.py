@@ -85,4 +85,7 @@ NEED_SMTPUTF8 = reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 par
 BARE_NEWLINE_DATA = reply(
     554, "5.6.0", "Message refused: bare CR or LF in content; lines must end with CRLF (RFC 5321 §2.3.8)"
 )
+LONG_LINE_DATA = reply(
+    554, "5.6.0", "Message refused: a line is longer than 998 octets (RFC 5322 §2.1.1)"
+)
 NO_VALID_RECIPIENTS = reply(554, "5.5.1", "No valid recipients")

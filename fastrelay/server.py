@@ -42,6 +42,9 @@ from ._core import (
     CONTENT_8BIT,
     CONTENT_BARE_NEWLINE,
     CONTENT_LEADING_DOT,
+    CONTENT_LONG_LINE,
+    MAX_CONTENT_LINE,
+    ContentScan,
     find_end_of_data,
     scan_content,
 )
@@ -72,6 +75,12 @@ MAX_COMMAND_LINE = 512
 MAX_AUTH_LINE = 12288
 # Stop reading from a client that pipelines this much while a reply is pending.
 MAX_PENDING_INPUT = 64 * 1024
+# Reads of content shorter than SMALL_READ are merged into one buffer of up
+# to MERGED_READS bytes; longer ones are kept as they came.
+SMALL_READ = 16 * 1024
+MERGED_READS = 64 * 1024
+# How far into the content the header section is looked for (loop detection).
+HEADER_SCAN_LIMIT = 65536
 
 
 class State(enum.IntEnum):
@@ -311,7 +320,7 @@ class SmtpSession(asyncio.Protocol):
         "auth_user", "last_activity", "reading_paused", "writing_paused", "_auth_login_user",
         "command", "_unsent", "decision", "quota_txn", "sender", "recipients", "smtputf8",
         "body_8bit", "dot_lines", "declared_size", "chunks", "data_size", "held", "tail", "dropped",
-        "errors",
+        "content_scan", "rescan", "errors",
     )
 
     def __init__(self, server: SmtpServer, implicit_tls: bool) -> None:
@@ -342,6 +351,7 @@ class SmtpSession(asyncio.Protocol):
         # command that closes the session writes them first (RFC 2920 order).
         self._unsent: list[bytes] = []
         self.held = 0
+        self.content_scan = ContentScan()   # of the content being read, read by read
         self._reset_transaction()
 
     def _reset_transaction(self) -> None:
@@ -357,13 +367,15 @@ class SmtpSession(asyncio.Protocol):
         self._release_content()
         self.data_size = 0
         self.tail = CRLF           # the last bytes seen, to find a terminator split across reads
+        self.content_scan.reset()
+        self.rescan = False        # the scan counted bytes cut off (_unstore): scan again at the end
         # The reply and logged reason that refuse the content being read: it
         # is read to its end but not kept (too big, or no memory left for it).
         self.dropped: tuple[bytes, str] | None = None
 
     def _release_content(self) -> None:
         """Drop the content read so far, and its share of server.max_data_memory."""
-        self.chunks: list[bytes | memoryview] = []
+        self.chunks: list[bytes | bytearray | memoryview] = []
         if self.held:
             self.server.data_bytes -= self.held
             self.held = 0
@@ -750,6 +762,8 @@ class SmtpSession(asyncio.Protocol):
         self.chunks = []
         self.data_size = 0
         self.tail = CRLF
+        self.content_scan.reset()
+        self.rescan = False
         self.dropped = None
         return replies.START_DATA
 
@@ -977,7 +991,20 @@ class SmtpSession(asyncio.Protocol):
             return
         server.data_bytes += n
         self.held += n
-        self.chunks.append(data)
+        if not self.rescan:
+            # Scanned as it comes, while the client is still sending, rather
+            # than after its last byte, when it waits for the reply.
+            self.content_scan.feed(data)
+        chunks = self.chunks
+        if chunks and n < SMALL_READ and len(chunks[-1]) < MERGED_READS:
+            # A client writing small pieces would otherwise cost a Python object
+            # (~40 bytes, not counted in max_data_memory) per read of a few bytes.
+            last = chunks[-1]
+            if type(last) is not bytearray:
+                last = chunks[-1] = bytearray(last)
+            last += data
+            return
+        chunks.append(data)
 
     def _memory_full(self) -> str:
         server = self.server
@@ -993,6 +1020,7 @@ class SmtpSession(asyncio.Protocol):
             return
         content = b"".join(self.chunks)
         self.chunks = [content[:-n]]
+        self.rescan = True
         self.data_size -= n
         self.held -= n
         self.server.data_bytes -= n
@@ -1006,34 +1034,44 @@ class SmtpSession(asyncio.Protocol):
         # written it (_reset_transaction gives it back): under a burst of
         # large messages it is the spool's pending batch that holds them.
         self.chunks = []
-        # One chunk is the content as it came (bytes, or a view of the read
-        # ending before the terminator); several are joined, in one copy.
-        content: bytes | memoryview = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        flags = scan_content(content)  # one compiled pass instead of five
-        if flags & CONTENT_BARE_NEWLINE:
-            # A bare CR or LF could make a next hop see a different message
-            # end (SMTP smuggling).  "normalize" takes a bare LF as CRLF; a
-            # bare CR is refused either way.
-            text = bytes(content)
-            crlf = text.count(b"\r\n")
-            if self.cfg.bare_newline == "reject" or text.count(b"\r") != crlf:
-                self._finish_transaction(replies.BARE_NEWLINE_DATA, "bare CR or LF in content")
-                return
-            content = text.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        if flags & CONTENT_LEADING_DOT:
-            # RFC 5321 §4.5.2: remove the leading dot of every line that has one
-            # (the first line by hand: a CRLF put in front would copy the content twice).
-            text = bytes(content).replace(b"\r\n.", b"\r\n")
-            content = text[1:] if text[:1] == b"." else text
-            self.dot_lines = True
+        # After _unstore the content is one chunk, scanned again whole.
+        flags = scan_content(chunks[0]) if self.rescan else self.content_scan.finish()
+        if flags & (CONTENT_BARE_NEWLINE | CONTENT_LEADING_DOT):
+            text = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
+            if flags & CONTENT_BARE_NEWLINE:
+                # A bare CR or LF could make a next hop see a different message
+                # end (SMTP smuggling).  "normalize" takes a bare LF as CRLF; a
+                # bare CR is refused either way.
+                crlf = text.count(b"\r\n")
+                if self.cfg.bare_newline == "reject" or text.count(b"\r") != crlf:
+                    self._finish_transaction(replies.BARE_NEWLINE_DATA, "bare CR or LF in content")
+                    return
+                text = text.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            if flags & CONTENT_LEADING_DOT:
+                # RFC 5321 §4.5.2: remove the leading dot of every line that has one
+                # (the first line by hand: a CRLF put in front would copy the content twice).
+                text = text.replace(b"\r\n.", b"\r\n")
+                if text[:1] == b".":
+                    text = text[1:]
+                self.dot_lines = True
+            chunks = [text]
+        # Otherwise the content goes to the spool as it was read, in pieces
+        # (pwritev): joining a large message would copy it while its client waits.
         self.body_8bit = bool(flags & CONTENT_8BIT)
-        if len(content) > self.cfg.max_message_size:
+        if sum(map(len, chunks)) > self.cfg.max_message_size:
             self._finish_transaction(replies.MESSAGE_TOO_BIG, "message too big")
             return
-        if _hop_count(content) >= self.cfg.max_hops:
+        if _hop_count(chunks) >= self.cfg.max_hops:
             self._finish_transaction(replies.TOO_MANY_HOPS, f"too many hops (max_hops = {self.cfg.max_hops})")
             return
-        self._queue(content)
+        if flags & CONTENT_LONG_LINE:
+            why = f"a line longer than {MAX_CONTENT_LINE} octets"
+            if self.cfg.long_lines == "reject":
+                self._finish_transaction(replies.LONG_LINE_DATA, why)
+                return
+            log.info("DATA from %s[%s]: %s, passed as it is (server.long_lines = accept); from=<%s>",
+                     self.helo, self.client_ip, why, self.sender)
+        self._queue(chunks)
 
     def _finish_transaction(self, reply: bytes, why: str) -> None:
         self.server.count_refusal(self, reply)
@@ -1048,7 +1086,7 @@ class SmtpSession(asyncio.Protocol):
         log.info("NOQUEUE: reject: DATA from %s[%s]: %s; from=<%s> nrcpt=%d",
                  self.helo, self.client_ip, why, self.sender, len(self.recipients))
 
-    def _queue(self, content: bytes | memoryview) -> None:
+    def _queue(self, content: list[bytes | bytearray | memoryview]) -> None:
         """End of DATA: count the quota, write the spool, answer when durable.
 
         With the local quota everything up to the spool write is synchronous
@@ -1063,10 +1101,10 @@ class SmtpSession(asyncio.Protocol):
             if refusal is not None:
                 self._finish_transaction(refusal, "quota: " + refusal.decode(errors="replace").strip())
                 return
-        envelope, header = self._envelope(content)
+        envelope, header = self._envelope()
         self.busy = True
-        future = self.server.spool.append_message(envelope, (header, content))
-        future.add_done_callback(partial(self._on_spooled, envelope, len(header) + len(content)))
+        future = self.server.spool.append_message(envelope, (header, *content))
+        future.add_done_callback(partial(self._on_spooled, envelope, len(header) + sum(map(len, content))))
 
     def _on_spooled(self, envelope: Envelope, size: int, future: asyncio.Future[Location | None]) -> None:
         try:
@@ -1080,17 +1118,17 @@ class SmtpSession(asyncio.Protocol):
         self._resume(reply)
 
     async def _queue_after_remote_quota(self, quota: RedisQuotaBook, txn: QuotaTxn,
-                                        content: bytes | memoryview) -> bytes:
+                                        content: list[bytes | bytearray | memoryview]) -> bytes:
         refusal = await quota.reserve(txn)
         if refusal is not None:
             self._finish_transaction(refusal, "quota: " + refusal.decode(errors="replace").strip())
             return b""
-        envelope, header = self._envelope(content)
-        future = self.server.spool.append_message(envelope, (header, content))
+        envelope, header = self._envelope()
+        future = self.server.spool.append_message(envelope, (header, *content))
         await asyncio.wait([future])
-        return self._spooled(envelope, len(header) + len(content), future)
+        return self._spooled(envelope, len(header) + sum(map(len, content)), future)
 
-    def _envelope(self, content: bytes | memoryview) -> tuple[Envelope, bytes]:
+    def _envelope(self) -> tuple[Envelope, bytes]:
         decision = self.decision
         assert decision is not None
         queue_id = self.server.queue_ids.next()
@@ -1206,13 +1244,23 @@ def _b64decode(text: str) -> bytes | None:
         return None
 
 
-def _hop_count(content: bytes | memoryview) -> int:
+def _hop_count(content: list[bytes | bytearray | memoryview]) -> int:
     """Received: headers in the header section (RFC 5321 §6.3 loop detection)."""
+    first = content[0] if content else b""
     # A view is always of the start of a read (see _feed_data): search its bytes.
-    data, size = (content.obj, len(content)) if isinstance(content, memoryview) else (content, len(content))
-    assert isinstance(data, bytes)
+    data, size = (first.obj, len(first)) if isinstance(first, memoryview) else (first, len(first))
+    assert isinstance(data, (bytes, bytearray))
     end = data.find(b"\r\n\r\n", 0, size)
-    head = data[:end if end >= 0 else min(size, 65536)].lower()
+    if end < 0 and size < HEADER_SCAN_LIMIT and len(content) > 1:
+        # The header section goes on past the first read: look at the start of the whole.
+        joined = bytearray()
+        for part in content:
+            joined += part
+            if len(joined) >= HEADER_SCAN_LIMIT:
+                break
+        data, size = joined, len(joined)
+        end = data.find(b"\r\n\r\n", 0, size)
+    head = data[:end if end >= 0 else min(size, HEADER_SCAN_LIMIT)].lower()
     return head.count(b"\r\nreceived:") + head.startswith(b"received:")
 
 

@@ -272,7 +272,10 @@ class Spool:
         # someone will release them; bounded in bytes, so a backlog falls
         # back to reading the disk.
         self.recent_budget = 0
-        self._recent: dict[tuple[int, int], bytes] = {}
+        # A body is kept as the parts it was written from, and joined when
+        # first read: on the loop, before the client's 250, a large message's
+        # join was a copy its client waited for.
+        self._recent: dict[tuple[int, int], bytes | Sequence[bytes | bytearray | memoryview]] = {}
         self._recent_bytes = 0
 
     # -- opening and recovery -------------------------------------------------
@@ -385,17 +388,21 @@ class Spool:
     def _keep_recent(self, location: Location, body: Sequence[bytes | bytearray | memoryview]) -> None:
         if self._recent_bytes + location.body_len > self.recent_budget:
             return
-        self._recent[(location.segment, location.body_offset)] = b"".join(body)
+        self._recent[(location.segment, location.body_offset)] = body
         self._recent_bytes += location.body_len
 
     def release_body(self, location: Location) -> None:
         """The in-memory copy of this body (if any) is no longer needed."""
-        data = self._recent.pop((location.segment, location.body_offset), None)
-        if data is not None:
-            self._recent_bytes -= len(data)
+        if self._recent.pop((location.segment, location.body_offset), None) is not None:
+            self._recent_bytes -= location.body_len
 
-    def recent_body(self, location: Location) -> bytes | None:
-        return self._recent.get((location.segment, location.body_offset))
+    def recent_body(self, location: Location | QueuedMessage) -> bytes | None:
+        key = (location.segment, location.body_offset)
+        body = self._recent.get(key)
+        if body is None or isinstance(body, bytes):
+            return body
+        joined = self._recent[key] = b"".join(body)
+        return joined
 
     def append_state(self, state: DeliveryState) -> asyncio.Future[Location | None]:
         """Queue a state record; the future resolves (to None) once fsynced."""
@@ -647,7 +654,7 @@ class Spool:
 
     def read_body(self, location: QueuedMessage | Location) -> bytes:
         """Blocking read of a body (run it in a thread for large messages)."""
-        recent = self._recent.get((location.segment, location.body_offset))
+        recent = self.recent_body(location)
         if recent is not None:
             return recent
         with open(self.segment_path(location.segment), "rb") as f:

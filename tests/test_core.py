@@ -896,7 +896,7 @@ def test_key_hash_is_stable_across_processes() -> None:
 
 def _content_flags_model(data: bytes) -> int:
     """The obvious, slow definition the compiled pass must match."""
-    from fastrelay._core import CONTENT_8BIT, CONTENT_BARE_NEWLINE, CONTENT_LEADING_DOT
+    from fastrelay._core import CONTENT_8BIT, CONTENT_BARE_NEWLINE, CONTENT_LEADING_DOT, CONTENT_LONG_LINE
 
     flags = 0
     crlf = data.count(b"\r\n")
@@ -906,6 +906,9 @@ def _content_flags_model(data: bytes) -> int:
         flags |= CONTENT_LEADING_DOT
     if not data.isascii():
         flags |= CONTENT_8BIT
+    for line in data.split(b"\n"):   # RFC 5322 §2.1.1, its CRLF (or bare LF) and a stuffing dot not counted
+        if len(line.removesuffix(b"\r").removeprefix(b".")) > 998:
+            flags |= CONTENT_LONG_LINE
     return flags
 
 
@@ -919,7 +922,13 @@ def test_scan_content_matches_model(data: bytes) -> None:
 
 
 def test_scan_content_examples() -> None:
-    from fastrelay._core import CONTENT_8BIT, CONTENT_BARE_NEWLINE, CONTENT_LEADING_DOT, scan_content
+    from fastrelay._core import (
+        CONTENT_8BIT,
+        CONTENT_BARE_NEWLINE,
+        CONTENT_LEADING_DOT,
+        CONTENT_LONG_LINE,
+        scan_content,
+    )
 
     assert scan_content(b"") == 0
     assert scan_content(b"Subject: x\r\n\r\nbody\r\n") == 0
@@ -927,6 +936,8 @@ def test_scan_content_examples() -> None:
     assert scan_content(b"a\r\n..b\r\n") == CONTENT_LEADING_DOT
     assert scan_content(b"caf\xc3\xa9\r\n") == CONTENT_8BIT
     assert scan_content(b"x\r") == CONTENT_BARE_NEWLINE
+    assert scan_content(b"y" * 998 + b"\r\n.." + b"z" * 997 + b"\r\n") == CONTENT_LEADING_DOT
+    assert scan_content(b"y" * 999 + b"\r\n") == CONTENT_LONG_LINE
 
 
 # Long runs of ordinary bytes between the special ones, so the eight-bytes-at-a-time
@@ -934,7 +945,7 @@ def test_scan_content_examples() -> None:
 _LONG_CONTENT = st.lists(
     st.one_of(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"\xe9", b"\r\n.", b"\n.", b"\r\n.\r\n", b"\x0e",
                                b"\x7f", b"\x80"]),
-              st.integers(1, 40).map(lambda k: b"x" * k)),
+              st.integers(1, 40).map(lambda k: b"x" * k), st.integers(990, 1000).map(lambda k: b"L" * k)),
     max_size=60).map(b"".join)
 
 
@@ -944,6 +955,40 @@ def test_scan_content_matches_model_on_long_lines(data: bytes) -> None:
     from fastrelay._core import scan_content
 
     assert scan_content(data) == _content_flags_model(data)
+
+
+@given(_LONG_CONTENT, st.lists(st.integers(0, 3000), max_size=8))
+@settings(max_examples=3000)
+def test_content_scan_read_by_read_matches_model(data: bytes, cuts: list[int]) -> None:
+    """The server scans each read as it comes: any split of the content gives the flags of the whole."""
+    from fastrelay._core import ContentScan
+
+    bounds = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+    scan = ContentScan()
+    for start, end in zip(bounds, bounds[1:]):
+        scan.feed(memoryview(data)[start:end])
+    assert scan.finish() == _content_flags_model(data)
+    scan.reset()
+    assert scan.feed(data, True) == _content_flags_model(data)
+
+
+def test_content_scan_carries_a_line_across_reads() -> None:
+    from fastrelay._core import CONTENT_BARE_NEWLINE, CONTENT_LEADING_DOT, CONTENT_LONG_LINE, ContentScan
+
+    scan = ContentScan()
+    assert scan.feed(b"a\r") == 0                  # its LF may be in the next read
+    assert scan.feed(b"\nb\r\n") == 0
+    assert scan.feed(b".") == CONTENT_LEADING_DOT    # a line's first byte, at a read's start
+    assert scan.feed(b"x" * 998) == CONTENT_LEADING_DOT
+    assert scan.feed(b"\r") == CONTENT_LEADING_DOT  # 998 octets after the stuffing dot: not long
+    assert scan.feed(b"\ny") == CONTENT_LEADING_DOT
+    assert scan.feed(b"y" * 998 + b"\r") == CONTENT_LEADING_DOT   # still open
+    assert scan.finish() == CONTENT_LEADING_DOT | CONTENT_LONG_LINE | CONTENT_BARE_NEWLINE
+    scan.reset()
+    assert scan.feed(b"b\r") == 0
+    assert scan.feed(b"c\r\n") == CONTENT_BARE_NEWLINE     # the CR before "c" had no LF
+    scan.reset()
+    assert scan.feed(b"") == 0 and scan.finish() == 0
 
 
 @given(_LONG_CONTENT, st.integers(-1, 200))

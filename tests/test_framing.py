@@ -290,6 +290,47 @@ def test_normalize_mode(relay_factory: object) -> None:
         assert b"\r" not in content.replace(b"\r\n", b"") and b"\n" not in content.replace(b"\r\n", b"")
 
 
+def test_long_lines_reject_mode(relay_factory: object) -> None:
+    """long_lines = "reject": a content line over RFC 5322's 998 octets refuses the message;
+    998 octets pass, the stuffing dot and the CRLF not counted, wherever the reads cut the line."""
+    relay: RelayProcess = relay_factory(server_extra='long_lines = "reject"')  # type: ignore[operator]
+    fits = b"Subject: 998\r\n\r\n" + b"a" * 998 + b"\r\n." + b"b" * 997 + b"\r\n"
+    too_long = b"Subject: 999\r\n\r\n" + b"c" * 999 + b"\r\nlast\r\n"
+    client = client_for(relay)
+    try:
+        sent = []
+        for cut in (0, 20, 500, 1017, 1018, 1019, 1500):
+            for content in (fits, too_long):
+                open_data(client)
+                stream = stuff(content) + b".\r\n"
+                client.send(stream[:cut])
+                time.sleep(0.01)   # two reads, most of the time
+                client.send(stream[cut:])
+                reply = client.reply()
+                if content is fits:
+                    sent.append(queue_id_of(reply))
+                else:
+                    assert reply == wire(replies.LONG_LINE_DATA), cut
+        assert client.cmd(b"NOOP") == wire(replies.NOOP_OK)
+    finally:
+        client.close()
+    assert [stored(relay, i) for i in sent] == [fits] * len(sent)
+    assert len(relay.queued()) == len(sent)
+    relay.wait_log("NOQUEUE: reject: DATA from client.example.com[127.0.0.1]: a line longer than 998 octets")
+
+
+def test_long_lines_are_passed_and_logged_by_default(module_relay: RelayProcess) -> None:
+    content = b"Subject: long\r\n\r\n" + b"d" * 999 + b"\r\n"
+    client = client_for(module_relay)
+    try:
+        open_data(client)
+        queue_id = queue_id_of(client.cmd(content + b".\r\n"))
+    finally:
+        client.close()
+    assert stored(module_relay, queue_id) == content
+    module_relay.wait_log("a line longer than 998 octets, passed as it is (server.long_lines = accept)")
+
+
 # -- every split offset, and a property test against the model ------------------------------------
 
 SPLIT_CONTENT = b"Subject: split\r\n\r\n.lead\r\n\r\n.\r\n..\r\nend.\r\n"

@@ -41,7 +41,7 @@ import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 from capture import CaptureTransport
@@ -54,7 +54,7 @@ from fastrelay.app import build_policy
 from fastrelay.config import Config, load_config
 from fastrelay.policy import RelayPolicy
 from fastrelay.quota import QuotaBook
-from fastrelay.server import SmtpServer, SmtpSession
+from fastrelay.server import SmtpServer, SmtpSession, State
 from fastrelay.smtp_client import dot_stuff
 from fastrelay.spool import Spool
 
@@ -119,10 +119,12 @@ class Harness:
         self.config: Config = load_config(path)
         self.policy: RelayPolicy = build_policy(self.config)
 
-    def run(self, stream: bytes, cuts: list[int], settle: list[bool]) -> Outcome:
+    def run(self, stream: bytes, cuts: list[int], settle: list[bool],
+            probe: Callable[[SmtpSession], None] | None = None) -> Outcome:
+        """``probe``, if given, looks at the session after each read."""
         spool_dir = tempfile.mkdtemp(prefix="fastrelay-fuzz-", dir=_spool_root())
         try:
-            out, closed = asyncio.run(self._play(Path(spool_dir), stream, cuts, settle))
+            out, closed = asyncio.run(self._play(Path(spool_dir), stream, cuts, settle, probe))
             stored = []
             for m in Spool(spool_dir).scan():   # in arrival order
                 body = Spool(spool_dir).read_body(m)
@@ -131,8 +133,8 @@ class Harness:
             shutil.rmtree(spool_dir, ignore_errors=True)
         return Outcome(parse_replies(out), stored, closed)
 
-    async def _play(self, spool_dir: Path, stream: bytes, cuts: list[int],
-                    settle: list[bool]) -> tuple[bytes, bool]:
+    async def _play(self, spool_dir: Path, stream: bytes, cuts: list[int], settle: list[bool],
+                    probe: Callable[[SmtpSession], None] | None) -> tuple[bytes, bool]:
         loop = asyncio.get_running_loop()
         spool = Spool(spool_dir)
         spool.recover()
@@ -151,6 +153,8 @@ class Harness:
                     break
                 await _until(lambda: not transport.paused)   # a paused transport delivers nothing
                 session.data_received(piece)
+                if probe is not None:
+                    probe(session)
                 if settle[i % len(settle)] if settle else False:
                     await _until(lambda: not session.busy)
             await _until(lambda: not session.busy)
@@ -327,9 +331,10 @@ class Rfc5321Model:
         self.stored.append(content)
 
 
-def check(harness: Harness, stream: bytes, cuts: list[int], settle: list[bool]) -> Outcome:
+def check(harness: Harness, stream: bytes, cuts: list[int], settle: list[bool],
+          probe: Callable[[SmtpSession], None] | None = None) -> Outcome:
     model = Rfc5321Model(harness.config.server.bare_newline).run(stream)
-    got = harness.run(stream, cuts, settle)
+    got = harness.run(stream, cuts, settle, probe)
     banner = got.replies[0]
     assert banner.startswith(b"220 " + HOSTNAME.encode())
     answers = got.replies[1:]
@@ -443,6 +448,24 @@ def test_the_recipient_limit_matches_the_model(harnesses: dict[str, Harness]) ->
     assert [r[0][:3] for r in model.replies].count(b"452") == 2 and len(model.stored) == 1
     for cut in range(1, len(stream), 7):
         check(harnesses["reject"], stream, [cut], [cut % 2 == 0])
+
+
+def test_content_sent_a_byte_at_a_time_is_held_in_one_buffer(harnesses: dict[str, Harness]) -> None:
+    """A read of a few bytes must not cost a Python object each (~40 bytes that
+    max_data_memory does not count): small reads are merged as they come."""
+    content = b"Subject: slow\r\n\r\n" + b"..a line of text\r\n" * 100
+    head = b"".join(TRANSACTION)
+    stream = head + content + b".\r\nQUIT\r\n"
+    held: list[int] = []
+
+    def probe(session: SmtpSession) -> None:
+        if session.state == State.DATA:
+            held.append(len(session.chunks))
+
+    got = check(harnesses["reject"], stream, list(range(len(head), len(stream))), [False], probe)
+    assert len(held) > len(content) and max(held) == 1
+    assert got.stored == [content.replace(b"\r\n..", b"\r\n.")]
+
 
 # -- smuggling: differential end-of-data detection --------------------------------------------------
 
