@@ -44,6 +44,10 @@ class ServerConfig(Section, frozen=True):
     max_message_size: int = 26_214_400
     max_connections: int = 10_000
     max_connections_per_ip: int = 100
+    # An IPv6 client is counted by its network of this prefix length, for
+    # max_connections_per_ip and the AUTH throttle: one host commonly holds
+    # a whole /64 and would otherwise be 2^64 clients.  128: per address.
+    ipv6_client_prefix: int = 64
     # Message content held in memory, all sessions together, from its first
     # byte until the spool has written it (the spool writes whole records):
     # without a bound 1,000 clients sending 25 MB at once would need 25 GB.
@@ -441,6 +445,8 @@ def validate(config: Config) -> None:
     for key in ("command_timeout", "data_timeout", "tls_handshake_timeout", "auth_failure_window", "auth_lockout"):
         check.positive(f"server.{key}", getattr(s, key))
     check.not_negative("server.drain_timeout", s.drain_timeout)
+    if not 1 <= s.ipv6_client_prefix <= 128:
+        fail("server.ipv6_client_prefix", f"must be a prefix length from 1 to 128, not {s.ipv6_client_prefix}")
 
     seen_domains: dict[str, str] = {}
     for ai, account in enumerate(config.accounts):

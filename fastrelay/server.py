@@ -29,6 +29,7 @@ import base64
 import binascii
 import email.utils
 import enum
+import ipaddress
 import re
 import ssl
 import time
@@ -99,8 +100,20 @@ def normalize_ip(ip: str) -> str:
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
+def client_key(ip: str, ipv6_prefix: int) -> str:
+    """What per-client limits count by: an IPv4 address, or an IPv6 address's
+    network of ``ipv6_prefix`` bits ("2001:db8::/64"), since one IPv6 host
+    can use every address of its /64 (Postfix 3.8's smtpd_client_ipv6_prefix_length)."""
+    if ":" not in ip or ipv6_prefix >= 128:
+        return ip
+    try:
+        return str(ipaddress.IPv6Network((ipaddress.IPv6Address(ip.partition("%")[0]), ipv6_prefix), strict=False))
+    except ValueError:
+        return ip
+
+
 class AuthThrottle:
-    """Failed AUTH attempts per client IP: slow down, then lock out for a while.
+    """Failed AUTH attempts per client (client_key): slow down, then lock out for a while.
 
     Only the failing IP waits (an asyncio sleep, not a blocked loop).  The
     failures of addresses seen once are swept when they leave
@@ -186,7 +199,7 @@ class SmtpServer:
         self.tls_context = tls_context
         self.on_queued = on_queued
         self.sessions: set[SmtpSession] = set()
-        self.per_ip: dict[str, int] = {}
+        self.per_client: dict[str, int] = {}
         # Message content the sessions hold in memory, from its first byte
         # until the spool has written it (bounded by server.max_data_memory).
         self.data_bytes = 0
@@ -246,19 +259,20 @@ class SmtpServer:
         if self.draining:
             self.connection_refusals["shutting_down"] += 1
             return replies.SHUTTING_DOWN
-        ip = session.client_ip
+        ip, key = session.client_ip, session.client_key
         if len(self.sessions) >= self.cfg.max_connections:
             self.counters["refused_connections"] += 1
             self.connection_refusals["max_connections"] += 1
             log.warning("connect from [%s]: refused: too many connections (%d)", ip, len(self.sessions))
             return replies.TOO_MANY_CONNECTIONS
-        n = self.per_ip.get(ip, 0)
+        n = self.per_client.get(key, 0)
         if n >= self.cfg.max_connections_per_ip:
             self.counters["refused_connections"] += 1
             self.connection_refusals["max_connections_per_ip"] += 1
-            log.warning("connect from [%s]: refused: too many connections from this IP (%d)", ip, n)
+            log.warning("connect from [%s]: refused: too many connections from %s (%d)",
+                        ip, "this IP" if key == ip else key, n)
             return replies.TOO_MANY_FROM_IP
-        self.per_ip[ip] = n + 1
+        self.per_client[key] = n + 1
         self.sessions.add(session)
         self.counters["connections"] += 1
         return None
@@ -282,12 +296,12 @@ class SmtpServer:
     def unregister(self, session: SmtpSession) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            ip = session.client_ip
-            n = self.per_ip.get(ip, 1) - 1
+            key = session.client_key
+            n = self.per_client.get(key, 1) - 1
             if n <= 0:
-                self.per_ip.pop(ip, None)
+                self.per_client.pop(key, None)
             else:
-                self.per_ip[ip] = n
+                self.per_client[key] = n
 
     def stop_listening(self) -> None:
         for server in self._servers:
@@ -315,7 +329,7 @@ class SmtpSession(asyncio.Protocol):
 
     # Thousands of mostly idle sessions: no per-instance __dict__ (~1.3 KiB each).
     __slots__ = (
-        "server", "cfg", "implicit_tls", "transport", "client_ip", "state", "buffer", "busy",
+        "server", "cfg", "implicit_tls", "transport", "client_ip", "client_key", "state", "buffer", "busy",
         "closing", "draining", "discarding", "tls_pending", "tls", "tls_info", "helo", "esmtp",
         "auth_user", "last_activity", "reading_paused", "writing_paused", "_auth_login_user",
         "command", "_unsent", "decision", "quota_txn", "sender", "recipients", "smtputf8",
@@ -329,6 +343,7 @@ class SmtpSession(asyncio.Protocol):
         self.implicit_tls = implicit_tls
         self.transport: Any = None
         self.client_ip = "?"
+        self.client_key = "?"          # what per-client limits count by (client_key())
         self.state = State.GREETED
         self.buffer = b""
         self.busy = False
@@ -386,6 +401,7 @@ class SmtpSession(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.client_ip = normalize_ip(peer[0]) if peer else "unknown"
+        self.client_key = client_key(self.client_ip, self.cfg.ipv6_client_prefix)
         self.last_activity = self.server.loop.time()
         refusal = self.server.register(self)
         if refusal is not None:
@@ -861,7 +877,7 @@ class SmtpSession(asyncio.Protocol):
             return replies.ALREADY_AUTH
         if self.state != State.READY:
             return replies.AUTH_IN_TRANSACTION
-        if self.server.auth_throttle.locked(self.client_ip, time.monotonic()):
+        if self.server.auth_throttle.locked(self.client_key, time.monotonic()):
             return replies.AUTH_LOCKED_OUT
         mechanism, _, initial = arg.partition(" ")
         mechanism = mechanism.upper()
@@ -929,7 +945,7 @@ class SmtpSession(asyncio.Protocol):
             if delay:
                 await asyncio.sleep(delay)
             return replies.AUTH_FAILED
-        self.server.auth_throttle.succeed(self.client_ip)
+        self.server.auth_throttle.succeed(self.client_key)
         self.auth_user = user.address
         log.info("auth: [%s] authenticated as %s", self.client_ip, user.address)
         return replies.AUTH_OK
@@ -937,7 +953,7 @@ class SmtpSession(asyncio.Protocol):
     def _auth_failed(self, username: str, why: str) -> float:
         log.warning("auth: [%s] failed for %r: %s", self.client_ip, username, why)
         self.server.counters["auth_failures"] += 1
-        return self.server.auth_throttle.fail(self.client_ip, time.monotonic())
+        return self.server.auth_throttle.fail(self.client_key, time.monotonic())
 
     # -- DATA ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ special config or kill/signal the relay start their own.
 from __future__ import annotations
 
 import base64
+import os
 import random
 import re
 import select
@@ -20,7 +21,9 @@ import shutil
 import signal
 import smtplib
 import socket
+import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 from conftest import (
@@ -35,6 +38,8 @@ from conftest import (
 )
 
 from fastrelay import replies
+from fastrelay.config import ServerConfig
+from fastrelay.server import AuthThrottle, client_key
 
 CLIENT_IP = "127.0.0.1"
 HELO = "client.example.com"
@@ -668,6 +673,80 @@ def test_max_connections_per_ip(relay_factory: object) -> None:
         first.close()
         second.close()
     assert "refused: too many connections from this IP (2)" in relay.log()
+
+
+# Addresses put on the loopback interface for the IPv6 test below: two in one
+# /64, one in another (documentation-style ULA prefixes, never routed).
+IPV6_SOURCES = ("fd00:fa57:0:1::10", "fd00:fa57:0:1::11", "fd00:fa57:0:2::10")
+
+
+@pytest.fixture
+def ipv6_sources() -> Iterator[tuple[str, ...]]:
+    """Client addresses for per-/64 limits: added to lo, removed afterwards (root only; CI is root)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or not socket.has_ipv6:
+        pytest.skip("needs root and iproute2 to add IPv6 addresses to lo")
+    added = []
+    try:
+        for address in IPV6_SOURCES:
+            subprocess.run(["ip", "-6", "addr", "add", f"{address}/128", "dev", "lo", "nodad"], check=True)
+            added.append(address)
+        yield IPV6_SOURCES
+    finally:
+        for address in added:
+            subprocess.run(["ip", "-6", "addr", "del", f"{address}/128", "dev", "lo"], check=False)
+
+
+def test_client_key_is_an_ipv4_address_or_an_ipv6_network() -> None:
+    assert client_key("192.0.2.1", 64) == "192.0.2.1"
+    assert client_key("2001:db8:1:2:3:4:5:6", 64) == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:2:3:4:5:6", 84) == "2001:db8:1:2:3::/84"   # Postfix 3.8's default
+    assert client_key("2001:db8:1:2:3:4:5:6", 128) == "2001:db8:1:2:3:4:5:6"
+    assert client_key("fe80::1%eth0", 64) == "fe80::/64"
+    assert client_key("unknown", 64) == "unknown"
+
+
+def test_auth_throttle_locks_out_an_ipv6_network() -> None:
+    """Guessing from a new address of the same /64 for every try does not escape the lockout."""
+    throttle = AuthThrottle(ServerConfig())
+    now = 1000.0
+    for i in range(throttle.cfg.auth_failures_before_lockout):
+        throttle.fail(client_key(f"2001:db8:0:7::{i + 1:x}", 64), now)
+    assert throttle.locked(client_key("2001:db8:0:7::ffff", 64), now)
+    assert not throttle.locked(client_key("2001:db8:0:8::1", 64), now)
+
+
+@pytest.mark.parametrize("prefix", [64, 128])
+def test_ipv6_clients_are_counted_by_network(relay_factory: object, ipv6_sources: tuple[str, ...],
+                                             prefix: int) -> None:
+    """One IPv6 host may use every address of its /64: with the default
+    ipv6_client_prefix = 64 its addresses share max_connections_per_ip."""
+    relay: RelayProcess = relay_factory(  # type: ignore[operator]
+        server_extra=f"max_connections_per_ip = 1\nipv6_client_prefix = {prefix}", start=False)
+    text = relay.config_path.read_text()
+    relay.config_path.write_text(text.replace(f'listen = ["127.0.0.1:{relay.port}"]',
+                                              f'listen = ["127.0.0.1:{relay.port}", "[::1]:{relay.port}"]', 1))
+    relay.start()
+    banner = f"220 {HOSTNAME} ESMTP fastrelay".encode()
+    one, same_net, other_net = ipv6_sources
+    first = RawClient(relay.port, host="::1", source=one)
+    clients = [first]
+    try:
+        assert first.banner == banner
+        neighbour = RawClient(relay.port, host="::1", source=same_net)
+        clients.append(neighbour)
+        if prefix == 64:
+            assert neighbour.banner == wire(replies.TOO_MANY_FROM_IP)
+            assert neighbour.closed()
+            relay.wait_log(f"connect from [{same_net}]: refused: too many connections from fd00:fa57:0:1::/64 (1)")
+        else:
+            assert neighbour.banner == banner
+        elsewhere = RawClient(relay.port, host="::1", source=other_net)
+        clients.append(elsewhere)
+        assert elsewhere.banner == banner
+        assert first.cmd(b"NOOP") == wire(replies.NOOP_OK)
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_max_connections(relay_factory: object) -> None:
