@@ -1241,7 +1241,8 @@ CONTENT_BARE_NEWLINE = 1
 CONTENT_LEADING_DOT = 2
 CONTENT_8BIT = 4
 CONTENT_LONG_LINE = 8
-MAX_CONTENT_LINE = 998   # octets, CRLF and a stuffing dot not counted (RFC 5322 §2.1.1)
+cdef Py_ssize_t _MAX_LINE = 998   # octets, CRLF and a stuffing dot not counted (RFC 5322 §2.1.1)
+MAX_CONTENT_LINE = _MAX_LINE
 
 cdef uint64_t _HIGH_BITS = 0x8080808080808080ULL
 cdef uint64_t _BYTES_14 = 0x0E0E0E0E0E0E0E0EULL
@@ -1274,7 +1275,6 @@ cdef class ContentScan:
         cdef Py_ssize_t i = 0, j, stop, start
         cdef uint64_t w
         cdef int flags = self.flags
-        cdef unsigned char c
         if n == 0:
             if final:
                 self._finish()
@@ -1292,40 +1292,21 @@ cdef class ContentScan:
                 start = 1
         # Eight bytes at a time: most words of text hold no byte below 14 (no CR
         # or LF) and, once one 8-bit byte was seen, nothing else to look for.
-        while True:
-            if i + 8 <= n:
-                memcpy(&w, p + i, 8)
-                if w & _HIGH_BITS:
-                    flags |= 4
-                if ((w - _BYTES_14) & ~w & _HIGH_BITS) == 0:
-                    i += 8
-                    continue
-                stop = i + 8
-            elif i < n:
-                stop = n
-            else:
-                break
+        while i + 8 <= n:
+            memcpy(&w, p + i, 8)
+            if w & _HIGH_BITS:
+                flags |= 4
+            if ((w - _BYTES_14) & ~w & _HIGH_BITS) == 0:
+                i += 8
+                continue
+            stop = i + 8
             for j in range(i, stop):
-                c = p[j]
-                if c >= 128:
-                    flags |= 4
-                elif c == 13:
-                    if j + 1 < n:
-                        if p[j + 1] != 10:
-                            flags |= 1
-                    elif final:
-                        flags |= 1
-                elif c == 10:
-                    if j > 0 and p[j - 1] != 13:   # the first byte was judged against _prev
-                        flags |= 1
-                    if j - start - (1 if j > 0 and p[j - 1] == 13 or j == 0 and self._prev == 13 else 0) \
-                            > MAX_CONTENT_LINE:
-                        flags |= 8
-                    start = j + 1
-                    if j + 1 < n and p[j + 1] == 46:
-                        flags |= 2
-                        start = j + 2
+                flags |= _byte_flags(p, n, j, final, self._prev, &start)
             i = stop
+        for j in range(i, n):
+            if p[j] >= 128:
+                flags |= 4
+            flags |= _byte_flags(p, n, j, final, self._prev, &start)
         self._line = n - start if start <= n else 0
         self._prev = p[n - 1]
         self.flags = flags
@@ -1342,8 +1323,34 @@ cdef class ContentScan:
         # The content ended on this piece: a CR or a line left open is all there is.
         if self._prev == 13:
             self.flags |= 1
-        if self._line - (1 if self._prev == 13 else 0) > MAX_CONTENT_LINE:
+        if self._line - (1 if self._prev == 13 else 0) > _MAX_LINE:
             self.flags |= 8
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef inline int _byte_flags(const unsigned char *p, Py_ssize_t n, Py_ssize_t j, bint final, int prev,
+                            Py_ssize_t *start) noexcept nogil:
+    """ContentScan.feed's look at byte j (8-bit aside); a LF moves ``start`` to the next line."""
+    cdef unsigned char c = p[j]
+    cdef int flags = 0
+    if c == 13:
+        if j + 1 < n:
+            if p[j + 1] != 10:
+                flags |= 1
+        elif final:
+            flags |= 1
+    elif c == 10:
+        if j > 0 and p[j - 1] != 13:   # the first byte was judged against prev
+            flags |= 1
+        if j - start[0] > _MAX_LINE:   # maybe too long: its CR is not the line's
+            if j - start[0] - ((p[j - 1] == 13) if j > 0 else (prev == 13)) > _MAX_LINE:
+                flags |= 8
+        start[0] = j + 1
+        if j + 1 < n and p[j + 1] == 46:
+            flags |= 2
+            start[0] = j + 2
+    return flags
 
 
 def scan_content(const unsigned char[::1] data):
