@@ -260,6 +260,11 @@ class Spool:
         self._preallocate = PREALLOCATE_BYTES > 0
         # live message count per segment, to know when a segment can go
         self._live: dict[int, int] = {}
+        # The newest segment with records the loop has counted (_on_written).
+        # The writer may already have moved past it, with a batch of the older
+        # segment written but not yet counted: only segments older than this
+        # one are known whole, and may be dropped once their live count is 0.
+        self._counted_segment = 0
         self._where: dict[str, int] = {}
         # when each segment before the current one stopped taking records
         self._closed_at: dict[int, float] = {}
@@ -300,6 +305,7 @@ class Spool:
         self._closed_at = {number: now for number in self._live}
         # Every start writes to a fresh segment, so a torn tail is never appended to.
         self._open_segment(last + 1)
+        self._counted_segment = self._segment   # nothing written since: every older segment is whole
         self._drop_dead_segments()
         return live
 
@@ -357,6 +363,7 @@ class Spool:
         if self._fd < 0:
             self.segments_dir.mkdir(parents=True, exist_ok=True)
             self._open_segment(self._segment + 1)
+        self._counted_segment = self._segment
         self._thread = threading.Thread(target=self._writer, name="spool-writer", daemon=True)
         self._thread.start()
 
@@ -516,6 +523,11 @@ class Spool:
                 fut.set_result(location)
         if messages:
             self._live[seg] = self._live.get(seg, 0) + messages
+        if seg > self._counted_segment:
+            # Every batch of the older segments has been counted (the writer's
+            # callbacks run in order): those whose messages are all done can go.
+            self._counted_segment = seg
+            self._drop_dead_segments()
         for barrier, failed_before in batch.barriers:
             if barrier.done():
                 continue
@@ -620,7 +632,7 @@ class Spool:
                 number = int(path.stem)
             except ValueError:
                 continue
-            if number >= self._segment or self._live.get(number, 0) > 0:
+            if number >= self._counted_segment or self._live.get(number, 0) > 0:
                 break
             self._live.pop(number, None)
             self._closed_at.pop(number, None)
@@ -634,7 +646,7 @@ class Spool:
         if not self._live:
             return None
         head = min(self._live)
-        if head >= self._segment or self._live[head] <= 0:
+        if head >= self._counted_segment or self._live[head] <= 0:
             return None
         closed = self._closed_at.get(head)
         return head if closed is not None and time.time() - closed >= min_age else None
@@ -644,7 +656,7 @@ class Spool:
         again further on (its message record and its latest state)."""
         if segment in self._live:
             self._live[segment] -= 1
-            if self._live[segment] <= 0 and segment < self._segment:
+            if self._live[segment] <= 0 and segment < self._counted_segment:
                 self._drop_dead_segments()
 
     # -- reading ---------------------------------------------------------------
