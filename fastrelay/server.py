@@ -95,6 +95,9 @@ class State(enum.IntEnum):
     CLOSED = 7
 
 
+# Waiting for a response to a 334 challenge (RFC 4954 §4): the next line is not a command.
+AUTH_STATES = frozenset({State.AUTH_PLAIN, State.AUTH_LOGIN_USER, State.AUTH_LOGIN_PASS})
+
 def normalize_ip(ip: str) -> str:
     # IPv4-mapped IPv6 peers (dual-stack sockets) are IPv4 clients.
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
@@ -525,6 +528,10 @@ class SmtpSession(asyncio.Protocol):
                         continue
                 pos = line_end
                 out.append(reply)
+                if self.state in AUTH_STATES:
+                    # A malformed response to a 334 ends the exchange, as a bad
+                    # one does (RFC 4954 §4): the next line is a command again.
+                    self.state = State.READY
                 if self._too_many_errors():
                     out.append(replies.TOO_MANY_ERRORS)
                     break
@@ -555,7 +562,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _line_limit(self, buf: bytes, pos: int) -> int:
         """512 octets, or 12288 for AUTH lines (RFC 4954 §4); asked only of long lines."""
-        if self.state in (State.AUTH_PLAIN, State.AUTH_LOGIN_USER, State.AUTH_LOGIN_PASS):
+        if self.state in AUTH_STATES:
             return MAX_AUTH_LINE
         return MAX_AUTH_LINE if buf[pos:pos + 5].upper() == b"AUTH " else MAX_COMMAND_LINE
 
@@ -617,7 +624,7 @@ class SmtpSession(asyncio.Protocol):
     # -- commands ------------------------------------------------------------------
 
     def _dispatch(self, line: bytes) -> bytes | None:
-        if self.state in (State.AUTH_PLAIN, State.AUTH_LOGIN_USER, State.AUTH_LOGIN_PASS):
+        if self.state in AUTH_STATES:
             return self._auth_continue(line)
         verb, _, arg_bytes = line.partition(b" ")
         handler = _COMMANDS.get(verb.upper())
@@ -1255,7 +1262,8 @@ def _received_date(now: float) -> str:
 
 def _b64decode(text: str) -> bytes | None:
     try:
-        return base64.b64decode(text.strip(), validate=True)
+        # Only base64 is allowed (RFC 4954 §4); blanks around it are forgiven.
+        return base64.b64decode(text.strip(" \t"), validate=True)
     except (binascii.Error, ValueError):
         return None
 

@@ -32,6 +32,8 @@ the same harness and model from coverage-guided input.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import os
 import re
 import shutil
@@ -46,13 +48,14 @@ from typing import Any, Callable
 import pytest
 from capture import CaptureTransport
 from conftest import split_received
+import argon2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastrelay import replies
 from fastrelay.app import build_policy
 from fastrelay.config import Config, load_config
-from fastrelay.policy import RelayPolicy
+from fastrelay.policy import PasswordVerifier, RelayPolicy
 from fastrelay.quota import QuotaBook
 from fastrelay.server import SmtpServer, SmtpSession, State
 from fastrelay.smtp_client import dot_stuff
@@ -72,10 +75,17 @@ spool_dir = "spool"
 max_message_size = {max_size}
 bare_newline = "{bare_newline}"
 hard_error_limit = {hard_error_limit}
+# No delay and no lockout: the session's error limit comes first, and a test must not sleep.
+auth_failures_before_delay = 1000
+auth_failures_before_lockout = 1000
 
 [[accounts]]
 name = "example"
 domains = ["example.com"]
+
+[[accounts.users]]
+address = "alice@example.com"
+passwords = ["{alice_hash}"]
 
 [[accounts.rules]]
 name = "loopback"
@@ -112,12 +122,19 @@ def _spool_root() -> str | None:
 class Harness:
     """One config and policy; ``run`` plays one input through a fresh session and spool."""
 
-    def __init__(self, bare_newline: str, directory: Path) -> None:
-        path = directory / f"relay-{bare_newline}.toml"
+    def __init__(self, bare_newline: str, directory: Path, tls: bool = False) -> None:
+        """``tls``: the session is on an implicit-TLS listener (AUTH is offered); the
+        TLS layer itself is not here (tests/test_tls.py has real handshakes)."""
+        self.tls = tls
+        path = directory / f"relay-{bare_newline}{'-tls' if tls else ''}.toml"
+        # A cheap argon2 hash: the fuzz checks the AUTH dialogue, not the hash's cost.
+        alice_hash = argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(AUTH_PASSWORD)
         path.write_text(CONFIG.format(hostname=HOSTNAME, max_size=MAX_SIZE, bare_newline=bare_newline,
-                                     max_rcpts=MAX_RCPTS, hard_error_limit=HARD_ERROR_LIMIT))
+                                     max_rcpts=MAX_RCPTS, hard_error_limit=HARD_ERROR_LIMIT,
+                                     alice_hash=alice_hash))
         self.config: Config = load_config(path)
         self.policy: RelayPolicy = build_policy(self.config)
+        self.passwords = PasswordVerifier(workers=1)   # one thread pool for every session played
 
     def run(self, stream: bytes, cuts: list[int], settle: list[bool],
             probe: Callable[[SmtpSession], None] | None = None) -> Outcome:
@@ -143,8 +160,9 @@ class Harness:
             # The relay's own quota book, fresh for each input: the transaction limit is
             # checked where the relay checks it, and nothing is carried between inputs.
             server = SmtpServer(self.config, self.policy, spool, quota=QuotaBook(self.config))
+            server.passwords = self.passwords
             transport = CaptureTransport()
-            session = SmtpSession(server, implicit_tls=False)
+            session = SmtpSession(server, implicit_tls=self.tls)
             session.connection_made(transport)
             points = sorted({c for c in cuts if 0 < c < len(stream)})
             pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
@@ -197,7 +215,26 @@ EHLO = b"EHLO client.example.com"
 HELO = b"HELO client.example.com"
 MAIL = b"MAIL FROM:<bob@example.com>"
 RCPTS = (b"RCPT TO:<carol@dest.test>", b"RCPT TO:<dave@dest.test>", b"RCPT TO:<evil@dest.test>")
-COMMAND_LINES = (EHLO, HELO, MAIL, *RCPTS, b"DATA", b"RSET", b"NOOP", b"QUIT")
+AUTH_USER, AUTH_PASSWORD = "alice@example.com", "secret"
+_ALICE = b"\0alice@example.com\0"
+# RFC 4954: AUTH with and without an initial response, right and wrong, and STARTTLS.
+AUTH_LINES = (
+    b"AUTH PLAIN " + base64.b64encode(_ALICE + b"secret"),
+    b"AUTH PLAIN " + base64.b64encode(_ALICE + b"wrong"),
+    b"AUTH PLAIN " + base64.b64encode(b"bob@example.com" + _ALICE + b"secret"),   # another identity
+    b"AUTH PLAIN",
+    b"AUTH LOGIN",
+    b"AUTH LOGIN " + base64.b64encode(b"ALICE@example.com"),
+    b"AUTH CRAM-MD5",
+    b"STARTTLS",
+)
+# Lines a client may send after a 334 challenge.
+AUTH_RESPONSES = (b"*", base64.b64encode(b"alice@example.com"), base64.b64encode(b"secret"),
+                  base64.b64encode(b"wrong"), base64.b64encode(_ALICE + b"secret"), b"not base64!",
+                  b" " + base64.b64encode(b"secret") + b"\t", b"=")
+AUTH_WAIT = ("auth_plain", "auth_user", "auth_pass")
+MAX_AUTH_LINE = 12288    # RFC 4954 §4, with its CRLF
+COMMAND_LINES = (EHLO, HELO, MAIL, *RCPTS, b"DATA", b"RSET", b"NOOP", b"QUIT", *AUTH_LINES)
 VERBS = {b"HELO", b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP", b"QUIT", b"VRFY", b"EXPN", b"HELP",
          b"STARTTLS", b"AUTH"}
 
@@ -209,11 +246,15 @@ class Rfc5321Model:
     """What a server must answer and store for a byte stream (the commands used here only)."""
 
     bare_newline: str
+    tls: bool = False
     max_size: int = MAX_SIZE
     replies: list[tuple[bytes, ...]] = field(default_factory=list)   # acceptable first lines (prefixes)
     stored: list[bytes] = field(default_factory=list)
     closed: bool = False
     errors: int = 0
+    esmtp: bool = False            # the last greeting was EHLO
+    authenticated: bool = False
+    login_user: str = ""
 
     def run(self, stream: bytes) -> Rfc5321Model:
         state, recipients, pos = "greeted", 0, 0
@@ -248,7 +289,12 @@ class Rfc5321Model:
 
     def _line(self, line: bytes, state: str, recipients: int) -> tuple[str, int]:
         bare = not line.endswith(b"\r\n")
-        if len(line) > MAX_LINE:
+        # After a 334 the line is a response, not a command (RFC 4954 §4); a
+        # malformed one ends the exchange as a bad one does.
+        waiting = state if state in AUTH_WAIT else None
+        if waiting:
+            state = "ready"
+        if len(line) > (MAX_AUTH_LINE if waiting or line[:5].upper() == b"AUTH " else MAX_LINE):
             # Too long.  A long line that also ends in a bare LF may be answered for
             # either fault: which one the server sees first depends on the read boundaries.
             if bare:
@@ -260,6 +306,8 @@ class Rfc5321Model:
             self._say(wire(replies.BARE_NEWLINE_COMMAND))      # §2.3.8
             return state, recipients
         command = line[:-2]
+        if waiting:
+            return self._auth_response(command, waiting), recipients
         verb = command.partition(b" ")[0].upper()
         if verb not in VERBS:
             self._say(wire(replies.SYNTAX_ERROR))
@@ -267,7 +315,15 @@ class Rfc5321Model:
         assert command in COMMAND_LINES, f"the model knows no answer to {command!r}"
         if command in (EHLO, HELO):
             self._say(b"250-" + HOSTNAME.encode() if command == EHLO else b"250 " + HOSTNAME.encode())
+            self.esmtp = command == EHLO
             return "ready", 0
+        if command == b"STARTTLS":
+            # The harness has no certificate (the relay then has no STARTTLS);
+            # on the implicit-TLS listener TLS is already on.
+            self._say(wire(replies.ALREADY_TLS) if self.tls else wire(replies.NOT_IMPLEMENTED))
+            return state, recipients
+        if verb == b"AUTH":
+            return self._auth(command[5:], state), recipients
         if command == MAIL:
             if state == "greeted":
                 self._say(wire(replies.NEED_HELO))
@@ -305,6 +361,74 @@ class Rfc5321Model:
         self.closed = True
         return state, recipients
 
+    # -- RFC 4954 ------------------------------------------------------------------------------
+
+    def _auth(self, arg: bytes, state: str) -> str:
+        if not self.tls:
+            self._say(wire(replies.NEED_STARTTLS))           # §4: never in the clear
+        elif state == "greeted" or not self.esmtp:
+            self._say(wire(replies.NEED_HELO))               # an ESMTP extension: EHLO first
+        elif self.authenticated:
+            self._say(wire(replies.ALREADY_AUTH))            # §4: once per session
+        elif state != "ready":
+            self._say(wire(replies.AUTH_IN_TRANSACTION))     # §4: not during a mail transaction
+        else:
+            mechanism, _, initial = arg.partition(b" ")
+            if mechanism.upper() == b"PLAIN":
+                if not initial:
+                    self._say(b"334 ")
+                    return "auth_plain"
+                self._plain(_b64(initial))
+            elif mechanism.upper() == b"LOGIN":
+                if not initial:
+                    self._say(b"334 VXNlcm5hbWU6")            # "Username:"
+                    return "auth_user"
+                return self._login_user(_b64(initial))
+            else:
+                self._say(wire(replies.UNKNOWN_MECHANISM))
+        return state
+
+    def _auth_response(self, response: bytes, waiting: str) -> str:
+        if response == b"*":
+            self._say(wire(replies.AUTH_CANCELLED))          # §4: the client gave up
+            return "ready"
+        if waiting == "auth_plain":
+            self._plain(_b64(response))
+        elif waiting == "auth_user":
+            return self._login_user(_b64(response))
+        elif (password := _b64(response)) is None:
+            self._say(wire(replies.BAD_BASE64))
+        else:
+            self._verify(self.login_user, password.decode("utf-8", "replace"))
+        return "ready"
+
+    def _plain(self, decoded: bytes | None) -> None:
+        # RFC 4616: authzid NUL authcid NUL passwd.
+        parts = decoded.split(b"\0") if decoded is not None else []
+        if len(parts) != 3:
+            self._say(wire(replies.BAD_BASE64))
+            return
+        authzid, authcid, password = (part.decode("utf-8", "replace") for part in parts)
+        if authzid and authzid.lower() != authcid.lower():
+            self._say(wire(replies.AUTH_IDENTITY_MISMATCH))
+            return
+        self._verify(authcid, password)
+
+    def _login_user(self, decoded: bytes | None) -> str:
+        if decoded is None:
+            self._say(wire(replies.BAD_BASE64))
+            return "ready"
+        self.login_user = decoded.decode("utf-8", "replace")
+        self._say(b"334 UGFzc3dvcmQ6")                       # "Password:"
+        return "auth_pass"
+
+    def _verify(self, user: str, password: str) -> None:
+        if user.lower() == AUTH_USER and password == AUTH_PASSWORD:
+            self._say(wire(replies.AUTH_OK))
+            self.authenticated = True
+        else:
+            self._say(wire(replies.AUTH_FAILED))
+
     def _end_of_data(self, raw: bytes) -> None:
         lines = raw.split(b"\r\n")
         assert lines[-1] == b""   # the content ends with the CRLF of the terminator
@@ -333,7 +457,7 @@ class Rfc5321Model:
 
 def check(harness: Harness, stream: bytes, cuts: list[int], settle: list[bool],
           probe: Callable[[SmtpSession], None] | None = None) -> Outcome:
-    model = Rfc5321Model(harness.config.server.bare_newline).run(stream)
+    model = Rfc5321Model(harness.config.server.bare_newline, tls=harness.tls).run(stream)
     got = harness.run(stream, cuts, settle, probe)
     banner = got.replies[0]
     assert banner.startswith(b"220 " + HOSTNAME.encode())
@@ -346,6 +470,14 @@ def check(harness: Harness, stream: bytes, cuts: list[int], settle: list[bool],
     assert got.stored == model.stored, f"stored {got.stored!r}, the model {model.stored!r}\nstream {stream!r}"
     assert got.closed == model.closed
     return got
+
+
+def _b64(text: bytes) -> bytes | None:
+    """A base64 response, blanks around it forgiven; None if it is not base64."""
+    try:
+        return base64.b64decode(text.strip(b" \t"), validate=True)
+    except binascii.Error:
+        return None
 
 
 # --- generators ---------------------------------------------------------------------------------------
@@ -374,6 +506,7 @@ def messages(draw: st.DrawFn) -> bytes:
 ITEMS = st.one_of(
     st.sampled_from([line + b"\r\n" for line in COMMAND_LINES if line != b"QUIT"]),
     st.just(b"QUIT\r\n"),
+    st.sampled_from([response + b"\r\n" for response in AUTH_RESPONSES]),
     st.lists(st.sampled_from(JUNK_PIECES), max_size=12).map(b"".join),
     messages(),
 )
@@ -390,10 +523,27 @@ def sessions(draw: st.DrawFn) -> tuple[bytes, list[int], list[bool]]:
     return stream, cuts, settle
 
 
+AUTH_ITEMS = st.one_of(
+    st.sampled_from([line + b"\r\n" for line in AUTH_LINES]),
+    st.sampled_from([response + b"\r\n" for response in AUTH_RESPONSES]),
+    ITEMS,
+)
+
+
+@st.composite
+def auth_sessions(draw: st.DrawFn) -> tuple[bytes, list[int], list[bool]]:
+    """After EHLO, mostly AUTH commands and responses to 334 challenges."""
+    stream = EHLO + b"\r\n" + b"".join(draw(st.lists(AUTH_ITEMS, max_size=16)))
+    cuts = draw(st.lists(st.integers(0, len(stream)), max_size=12))
+    settle = draw(st.lists(st.booleans(), min_size=1, max_size=6))
+    return stream, cuts, settle
+
+
 @pytest.fixture(scope="module")
 def harnesses(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Harness]:
     directory = tmp_path_factory.mktemp("fuzz")
-    return {mode: Harness(mode, directory) for mode in ("reject", "normalize")}
+    return {"reject": Harness("reject", directory), "normalize": Harness("normalize", directory),
+            "tls": Harness("reject", directory, tls=True)}
 
 
 FUZZ = settings(max_examples=int(os.environ.get("FASTRELAY_FUZZ_EXAMPLES", "250")), deadline=None,
@@ -403,12 +553,24 @@ FUZZ = settings(max_examples=int(os.environ.get("FASTRELAY_FUZZ_EXAMPLES", "250"
 # --- the tests --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["reject", "normalize"])
+@pytest.mark.parametrize("mode", ["reject", "normalize", "tls"])
 def test_sessions_match_the_model_at_any_read_boundaries(harnesses: dict[str, Harness], mode: str) -> None:
     harness = harnesses[mode]
 
     @FUZZ
     @given(sessions())
+    def run(case: tuple[bytes, list[int], list[bool]]) -> None:
+        check(harness, *case)
+
+    run()
+
+
+def test_auth_sessions_match_the_model_at_any_read_boundaries(harnesses: dict[str, Harness]) -> None:
+    """SMTP AUTH (RFC 4954) on the implicit-TLS listener, against the model."""
+    harness = harnesses["tls"]
+
+    @FUZZ
+    @given(auth_sessions())
     def run(case: tuple[bytes, list[int], list[bool]]) -> None:
         check(harness, *case)
 
@@ -436,6 +598,34 @@ def test_every_split_of_one_session_matches_the_model(harnesses: dict[str, Harne
         for cut in range(1, len(stream)):
             check(harnesses[mode], stream, [cut], [cut % 2 == 0])
 
+
+
+AUTH_SESSION = b"".join(line + b"\r\n" for line in [
+    EHLO, b"AUTH PLAIN", b"*",                                            # cancelled: 501
+    b"AUTH LOGIN", base64.b64encode(b"alice@example.com"), b"not base64!",  # 334, 334, 501
+    AUTH_LINES[5], base64.b64encode(b"wrong"),                              # 334, 535
+    b"AUTH PLAIN", b"X" * 600,                                             # 334, 501: long is fine after a 334
+]) + b"AUTH PLAIN\r\nabc\nNOOP\r\n" + b"".join(line + b"\r\n" for line in [   # 334, bare LF: 500, NOOP
+    AUTH_LINES[0], AUTH_LINES[3], MAIL, RCPTS[0], b"DATA",                 # 235, 503, 250, 250, 354
+]) + b"authenticated\r\n.\r\nQUIT\r\n"
+
+
+def test_the_model_knows_the_auth_dialogue() -> None:
+    model = Rfc5321Model("reject", tls=True).run(AUTH_SESSION)
+    assert [r[0][:3] for r in model.replies] == [
+        b"250", b"334", b"501", b"334", b"334", b"501", b"334", b"535", b"334", b"501", b"334", b"500",
+        b"250", b"235", b"503", b"250", b"250", b"354", b"250", b"221"]
+    assert model.stored == [b"authenticated\r\n"]
+    plain = Rfc5321Model("reject").run(EHLO + b"\r\n" + AUTH_LINES[0] + b"\r\n")
+    assert plain.replies[-1] == (wire(replies.NEED_STARTTLS),)
+
+
+def test_every_split_of_an_auth_session_matches_the_model(harnesses: dict[str, Harness]) -> None:
+    """SMTP AUTH on the implicit-TLS listener: challenges, responses, cancels and bad
+    responses, cut at every offset (AUTH in the clear gets 530 in the other harnesses)."""
+    for cut in range(1, len(AUTH_SESSION), 3):
+        check(harnesses["tls"], AUTH_SESSION, [cut], [cut % 2 == 0])
+    check(harnesses["reject"], AUTH_SESSION, [], [False])
 
 
 def test_the_recipient_limit_matches_the_model(harnesses: dict[str, Harness]) -> None:
