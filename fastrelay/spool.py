@@ -281,6 +281,9 @@ class Spool:
         # first read: on the loop, before the client's 250, a large message's
         # join was a copy its client waited for.
         self._recent: dict[tuple[int, int], bytes | Sequence[bytes | bytearray | memoryview]] = {}
+        # read_body joins in a thread while the loop may release the same body:
+        # the join is stored only if the entry is still there, under this lock.
+        self._recent_lock = threading.Lock()
         self._recent_bytes = 0
 
     # -- opening and recovery -------------------------------------------------
@@ -395,12 +398,15 @@ class Spool:
     def _keep_recent(self, location: Location, body: Sequence[bytes | bytearray | memoryview]) -> None:
         if self._recent_bytes + location.body_len > self.recent_budget:
             return
-        self._recent[(location.segment, location.body_offset)] = body
+        with self._recent_lock:
+            self._recent[(location.segment, location.body_offset)] = body
         self._recent_bytes += location.body_len
 
     def release_body(self, location: Location) -> None:
         """The in-memory copy of this body (if any) is no longer needed."""
-        if self._recent.pop((location.segment, location.body_offset), None) is not None:
+        with self._recent_lock:
+            released = self._recent.pop((location.segment, location.body_offset), None)
+        if released is not None:
             self._recent_bytes -= location.body_len
 
     def recent_body(self, location: Location | QueuedMessage) -> bytes | None:
@@ -408,7 +414,10 @@ class Spool:
         body = self._recent.get(key)
         if body is None or isinstance(body, bytes):
             return body
-        joined = self._recent[key] = b"".join(body)
+        joined = b"".join(body)
+        with self._recent_lock:
+            if self._recent.get(key) is body:   # not released meanwhile (by the loop)
+                self._recent[key] = joined
         return joined
 
     def append_state(self, state: DeliveryState) -> asyncio.Future[Location | None]:

@@ -229,6 +229,23 @@ def test_a_segment_is_kept_while_a_batch_written_to_it_is_not_yet_counted(
     assert [m.envelope.queue_id for m in recovered(tmp_path)] == ["Q000003"]
 
 
+def test_a_body_released_while_it_is_joined_stays_released(tmp_path: Path) -> None:
+    """read_body joins a kept body in a thread; if the loop releases it meanwhile,
+    the join must not put it back (it would stay in memory, uncounted, for ever)."""
+    spool = Spool(tmp_path)
+    spool.recent_budget = 1 << 20
+    where = Location(1, 100, 6)
+
+    class ReleasedDuringTheJoin:
+        def __iter__(self) -> Any:
+            spool.release_body(where)
+            return iter([b"abc", b"def"])
+
+    spool._keep_recent(where, ReleasedDuringTheJoin())  # type: ignore[arg-type]
+    assert spool.recent_body(where) == b"abcdef"
+    assert spool.recent_body(where) is None and spool._recent_bytes == 0
+
+
 def test_recover_across_several_starts(tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
     for start in range(3):
         spool = Spool(tmp_path)
