@@ -1081,7 +1081,8 @@ class SmtpSession(asyncio.Protocol):
         # Otherwise the content goes to the spool as it was read, in pieces
         # (pwritev): joining a large message would copy it while its client waits.
         self.body_8bit = bool(flags & CONTENT_8BIT)
-        if sum(map(len, chunks)) > self.cfg.max_message_size:
+        size = sum(map(len, chunks))
+        if size > self.cfg.max_message_size:
             self._finish_transaction(replies.MESSAGE_TOO_BIG, "message too big")
             return
         if _hop_count(chunks) >= self.cfg.max_hops:
@@ -1094,7 +1095,7 @@ class SmtpSession(asyncio.Protocol):
                 return
             log.info("DATA from %s[%s]: %s, passed as it is (server.long_lines = accept); from=<%s>",
                      self.helo, self.client_ip, why, self.sender)
-        self._queue(chunks)
+        self._queue(chunks, size)
 
     def _finish_transaction(self, reply: bytes, why: str) -> None:
         self.server.count_refusal(self, reply)
@@ -1109,7 +1110,7 @@ class SmtpSession(asyncio.Protocol):
         log.info("NOQUEUE: reject: DATA from %s[%s]: %s; from=<%s> nrcpt=%d",
                  self.helo, self.client_ip, why, self.sender, len(self.recipients))
 
-    def _queue(self, content: list[bytes | bytearray | memoryview]) -> None:
+    def _queue(self, content: list[bytes | bytearray | memoryview], size: int) -> None:
         """End of DATA: count the quota, write the spool, answer when durable.
 
         With the local quota everything up to the spool write is synchronous
@@ -1118,7 +1119,7 @@ class SmtpSession(asyncio.Protocol):
         quota, txn = self.server.quota, self.quota_txn
         if quota is not None and txn is not None:
             if not isinstance(quota, QuotaBook):
-                self._defer(self._queue_after_remote_quota(quota, txn, content))
+                self._defer(self._queue_after_remote_quota(quota, txn, content, size))
                 return
             refusal = quota.reserve(txn)
             if refusal is not None:
@@ -1127,7 +1128,7 @@ class SmtpSession(asyncio.Protocol):
         envelope, header = self._envelope()
         self.busy = True
         future = self.server.spool.append_message(envelope, (header, *content))
-        future.add_done_callback(partial(self._on_spooled, envelope, len(header) + sum(map(len, content))))
+        future.add_done_callback(partial(self._on_spooled, envelope, len(header) + size))
 
     def _on_spooled(self, envelope: Envelope, size: int, future: asyncio.Future[Location | None]) -> None:
         try:
@@ -1141,7 +1142,7 @@ class SmtpSession(asyncio.Protocol):
         self._resume(reply)
 
     async def _queue_after_remote_quota(self, quota: RedisQuotaBook, txn: QuotaTxn,
-                                        content: list[bytes | bytearray | memoryview]) -> bytes:
+                                        content: list[bytes | bytearray | memoryview], size: int) -> bytes:
         refusal = await quota.reserve(txn)
         if refusal is not None:
             self._finish_transaction(refusal, "quota: " + refusal.decode(errors="replace").strip())
@@ -1149,7 +1150,7 @@ class SmtpSession(asyncio.Protocol):
         envelope, header = self._envelope()
         future = self.server.spool.append_message(envelope, (header, *content))
         await asyncio.wait([future])
-        return self._spooled(envelope, len(header) + sum(map(len, content)), future)
+        return self._spooled(envelope, len(header) + size, future)
 
     def _envelope(self) -> tuple[Envelope, bytes]:
         decision = self.decision
