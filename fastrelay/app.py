@@ -81,7 +81,7 @@ class Relay:
         config = self.config
         tls = server_context(config)
         policy = build_policy(config)
-        self.spool = Spool(config.path(config.server.spool_dir))
+        self.spool = Spool(config.path(config.server.spool_dir), config.server.spool_segment_bytes)
         events.configure(config)
         # Bound before recovery: a second relay on the same spool stops here.
         self.control = ControlServer(socket_path(self.spool.directory))

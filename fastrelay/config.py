@@ -41,6 +41,9 @@ class ServerConfig(Section, frozen=True):
     # Generate a self-signed pair at tls_cert/tls_key on first start if they are missing.
     tls_self_signed: bool = False
     spool_dir: str = "var/spool"
+    # A spool segment is closed and a new one started past this size; a
+    # segment's disk space comes back when its last message is done.
+    spool_segment_bytes: int = 64 * 1024 * 1024
     max_message_size: int = 26_214_400
     max_connections: int = 10_000
     max_connections_per_ip: int = 100
@@ -148,6 +151,9 @@ class LimitSet(Section, frozen=True):
 
 # Trial and unpaid accounts: the model publishes no relay numbers for them, only
 # that they are lower; these follow Gmail's trial sending limits (500 a day).
+# Smaller spool segments would cost a file and a directory fsync every few messages.
+MIN_SEGMENT_BYTES = 64 * 1024
+
 TRIAL_LIMITS = LimitSet(
     user_messages_per_day=500,
     user_unique_recipients_per_day=500,
@@ -445,6 +451,7 @@ def validate(config: Config) -> None:
     for key in ("command_timeout", "data_timeout", "tls_handshake_timeout", "auth_failure_window", "auth_lockout"):
         check.positive(f"server.{key}", getattr(s, key))
     check.not_negative("server.drain_timeout", s.drain_timeout)
+    check.at_least("server.spool_segment_bytes", s.spool_segment_bytes, MIN_SEGMENT_BYTES)
     if not 1 <= s.ipv6_client_prefix <= 128:
         fail("server.ipv6_client_prefix", f"must be a prefix length from 1 to 128, not {s.ipv6_client_prefix}")
 

@@ -239,6 +239,7 @@ BAD_NUMBERS = [
     ("server", "data_timeout = inf", "server.data_timeout", "inf is not a finite number"),
     ("server", "auth_failures_before_delay = 0", "server.auth_failures_before_delay", "must be at least 1"),
     ("server", "hard_error_limit = 0", "server.hard_error_limit", "must be at least 1"),
+    ("server", "spool_segment_bytes = 1000", "server.spool_segment_bytes", "must be at least 65536"),
     ("server", "ipv6_client_prefix = 0", "server.ipv6_client_prefix", "must be a prefix length from 1 to 128, not 0"),
     ("server", "ipv6_client_prefix = 129", "server.ipv6_client_prefix", "must be a prefix length from 1 to 128, not 129"),
     ("server", "auth_failures_before_lockout = 0", "server.auth_failures_before_lockout", "must be at least 1"),
