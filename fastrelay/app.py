@@ -156,6 +156,7 @@ class Relay:
         if (config.server.listen, config.server.listen_tls) != (self.config.server.listen, self.config.server.listen_tls):
             log.warning("reload: listener changes take effect at the next restart")
         self.config = config
+        self.spool.segment_bytes = config.server.spool_segment_bytes   # from the next segment on
         events.configure(config)
         self.quota.apply(config)
         policy.suspended = self.abuse.suspended

@@ -890,6 +890,27 @@ def test_sighup_applies_a_new_rule_without_dropping_connections(relay_factory: o
     assert envelope.queue_id == queue_id and envelope.client_ip == "127.0.0.9"  # type: ignore[attr-defined]
 
 
+def test_sighup_applies_a_new_spool_segment_size(relay_factory: object) -> None:
+    relay: RelayProcess = relay_factory()  # type: ignore[operator]
+    segments = relay.spool_dir / "segments"
+
+    def send(n: int) -> None:
+        with smtplib.SMTP("127.0.0.1", relay.port, local_hostname=HELO) as smtp:
+            for i in range(n):
+                smtp.sendmail("bob@example.com", ["carol@dest.test"],
+                              f"Subject: {i}\r\n\r\n".encode() + b"x" * 40_000 + b"\r\n")
+
+    send(3)
+    assert len(list(segments.glob("*.log"))) == 1          # 64 MiB segments: one holds them all
+    text = relay.config_path.read_text()
+    relay.config_path.write_text(text.replace('spool_dir = "spool"', 'spool_dir = "spool"\nspool_segment_bytes = 65536', 1))
+    relay.reload()
+    relay.wait_log("reload: config")
+    send(6)
+    assert len(list(segments.glob("*.log"))) >= 3           # now a new segment past 64 KiB
+    assert len(relay.queued()) == 9
+
+
 def test_sighup_with_a_broken_config_keeps_the_old_one(relay_factory: object) -> None:
     relay: RelayProcess = relay_factory(accounts=ONE_RULE)  # type: ignore[operator]
     client = RawClient(relay.port)
