@@ -80,6 +80,8 @@ MAX_PENDING_INPUT = 64 * 1024
 # to MERGED_READS bytes; longer ones are kept as they came.
 SMALL_READ = 16 * 1024
 MERGED_READS = 64 * 1024
+# Characters of a failed AUTH's user name that the log shows.
+MAX_LOGGED_USER = 100
 # How far into the content the header section is looked for (loop detection).
 HEADER_SCAN_LIMIT = 65536
 
@@ -958,7 +960,11 @@ class SmtpSession(asyncio.Protocol):
         return replies.AUTH_OK
 
     def _auth_failed(self, username: str, why: str) -> float:
-        log.warning("auth: [%s] failed for %r: %s", self.client_ip, username, why)
+        # The name is the client's: quoted and escaped (repr), and cut, since
+        # an AUTH line may carry 12 KB of it.
+        shown = repr(username[:MAX_LOGGED_USER]) + (f" (+{len(username) - MAX_LOGGED_USER} characters)"
+                                                     if len(username) > MAX_LOGGED_USER else "")
+        log.warning("auth: [%s] failed for %s: %s", self.client_ip, shown, why)
         self.server.counters["auth_failures"] += 1
         return self.server.auth_throttle.fail(self.client_key, time.monotonic())
 

@@ -396,6 +396,21 @@ def test_authorization_identity_must_be_the_user(auth_relay: RelayProcess) -> No
     auth_relay.wait_log("auth: [127.0.0.50] failed for 'alice@acme.test': authorization identity differs")
 
 
+def test_a_long_user_name_is_cut_in_the_log(auth_relay: RelayProcess) -> None:
+    """A failed AUTH logs the client's user name, quoted and cut: an AUTH line may carry 12 KB of it."""
+    name = "\u00e9" + "x" * 8999
+    client = tls_client(auth_relay, "127.0.0.51")
+    try:
+        assert client.cmd(b"AUTH LOGIN " + base64.b64encode(name.encode()))[:3] == b"334"
+        assert client.cmd(base64.b64encode(b"wrong")) == AUTH_FAILED
+    finally:
+        client.close()
+    line = auth_relay.wait_log("auth: [127.0.0.51] failed for")
+    logged = next(entry for entry in line.splitlines() if "auth: [127.0.0.51] failed for" in entry)
+    assert f"failed for '{name[:100]}' (+8900 characters): bad credentials" in logged
+    assert len(logged) < 300
+
+
 @pytest.mark.parametrize("mechanism", [b"CRAM-MD5", b"XOAUTH2 dXNlcj1h", b"DIGEST-MD5", b"GSSAPI", b""])
 def test_unknown_mechanism(auth_relay: RelayProcess, mechanism: bytes) -> None:
     client = tls_client(auth_relay, "127.0.0.51")
