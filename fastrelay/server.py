@@ -783,13 +783,9 @@ class SmtpSession(asyncio.Protocol):
             # and may try DATA again, or come back later).
             self._log_data_refusal(self._memory_full())
             return replies.DATA_MEMORY_FULL
+        # The content state (chunks, scan, tail) was reset when the last
+        # transaction ended: every end goes through _reset_transaction.
         self.state = State.DATA
-        self.chunks = []
-        self.data_size = 0
-        self.tail = CRLF
-        self.content_scan.reset()
-        self.rescan = False
-        self.dropped = None
         return replies.START_DATA
 
     def _cmd_rset(self, arg: str) -> bytes | None:
